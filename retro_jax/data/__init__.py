@@ -1,0 +1,1 @@
+"""Input pipelines: dataset sources, host and device augmentation, device hand-over."""

@@ -1,0 +1,121 @@
+"""Test harness shared by every test module.
+
+What it guarantees, in this order (the order matters: importing TensorFlow imports JAX, so the
+XLA flags must be in the environment before either is imported anywhere):
+  1. JAX runs on 8 simulated CPU devices (override the platform with RETRO_JAX_TEST_PLATFORM).
+  2. TensorFlow sees no GPU/TPU: it is only the host-side input pipeline.
+  3. No network: connections to anything but loopback fail at once, and TFDS makes one
+     download attempt instead of retrying for ~200 s.
+  4. Fixtures: `workdir` (a fresh training directory), `tfds_data_dir` (an empty TFDS data
+     directory), `fashion_mnist_dir` (the real Fashion-MNIST IDX files from Debian's
+     `dataset-fashion-mnist`).
+Tests slower than ~30 s on a 2-core CPU carry `@pytest.mark.slow`; `pytest -m "not slow"` is the
+quick subset for development, CI runs everything.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pathlib
+import socket
+
+NUM_SIMULATED_DEVICES = 8
+
+
+def _force_simulated_cpu_devices() -> None:
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags.append(f"--xla_force_host_platform_device_count={NUM_SIMULATED_DEVICES}")
+  os.environ["XLA_FLAGS"] = " ".join(flags)
+  os.environ["JAX_PLATFORMS"] = os.environ.get("RETRO_JAX_TEST_PLATFORM", "cpu")
+  # Subprocesses started by tests (CLI runs) inherit the same settings.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+_force_simulated_cpu_devices()
+
+# Only now may JAX or TensorFlow be imported.
+import pytest  # noqa: E402
+
+from retro_jax.data import tf_runtime  # noqa: E402
+
+
+class NetworkAccessInTest(OSError):
+  """Raised when a test tries to reach a host other than this machine."""
+
+
+_real_getaddrinfo = socket.getaddrinfo
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+def _is_loopback(host) -> bool:
+  if host is None:
+    return True
+  if isinstance(host, bytes):
+    host = host.decode()
+  if host in _LOOPBACK_NAMES:
+    return True
+  try:
+    return ipaddress.ip_address(host.split("%")[0]).is_loopback
+  except ValueError:
+    return False
+
+
+def _loopback_only_getaddrinfo(host, *args, **kwargs):
+  if not _is_loopback(host):
+    raise NetworkAccessInTest(
+        f"test tried to resolve {host!r}: tests run offline (loopback only); "
+        "build the data or weights locally instead")
+  return _real_getaddrinfo(host, *args, **kwargs)
+
+
+def pytest_configure(config):
+  del config
+  socket.getaddrinfo = _loopback_only_getaddrinfo
+  tf_runtime.import_tensorflow()
+  tf_runtime.disable_tfds_download_retries()
+
+
+def pytest_unconfigure(config):
+  del config
+  socket.getaddrinfo = _real_getaddrinfo
+
+
+@pytest.fixture
+def workdir(tmp_path: pathlib.Path) -> pathlib.Path:
+  """A fresh, empty working directory for one training or evaluation run."""
+  path = tmp_path / "workdir"
+  path.mkdir()
+  return path
+
+
+@pytest.fixture
+def tfds_data_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+  """An empty TFDS data directory private to the test."""
+  path = tmp_path / "tensorflow_datasets"
+  path.mkdir()
+  return path
+
+
+FASHION_MNIST_DIR = pathlib.Path(
+    os.environ.get("RETRO_JAX_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> pathlib.Path:
+  """The real Fashion-MNIST IDX files (Debian package `dataset-fashion-mnist`).
+
+  Missing files are an error, not a skip: CI installs the package, and a test that silently
+  skipped would hide that the data path is broken.
+  """
+  missing = [name for name in FASHION_MNIST_FILES if not (FASHION_MNIST_DIR / name).is_file()]
+  if missing:
+    pytest.fail(
+        f"Fashion-MNIST IDX files missing from {FASHION_MNIST_DIR}: {', '.join(missing)}. "
+        "Install them with `apt-get install dataset-fashion-mnist` (scripts/test.sh does this "
+        "when run as root) or point RETRO_JAX_FASHION_MNIST_DIR at a folder holding them.",
+        pytrace=False)
+  return FASHION_MNIST_DIR
