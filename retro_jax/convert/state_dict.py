@@ -156,6 +156,6 @@ def model_state_dict(model: nnx.Module, *, skip: Iterable[str] = ()) -> dict[str
   for key, slot in _slots(model).items():
     if key in skipped:
       continue
-    array = np.asarray(slot.variable.get_value())
+    array = np.array(slot.variable.get_value())  # A writable copy, as torch.from_numpy wants.
     result[key] = _kernel_to_torch(array) if slot.is_kernel and array.ndim in (2, 4) else array
   return result
