@@ -70,9 +70,20 @@ def _loopback_only_getaddrinfo(host, *args, **kwargs):
   return _real_getaddrinfo(host, *args, **kwargs)
 
 
+def _import_triton_before_tensorflow() -> None:
+  # torch's CUDA wheels bring triton, which torch._dynamo (hence torchvision.ops) imports;
+  # loading triton *after* TensorFlow segfaults the process (seen with TF 2.21, triton of
+  # torch 2.14.1). Loaded first, both work. CPU wheels of torch have no triton.
+  try:
+    import triton  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    pass
+
+
 def pytest_configure(config):
   del config
   socket.getaddrinfo = _loopback_only_getaddrinfo
+  _import_triton_before_tensorflow()
   tf_runtime.import_tensorflow()
   tf_runtime.disable_tfds_download_retries()
 

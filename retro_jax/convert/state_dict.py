@@ -149,6 +149,12 @@ def _expected_torch_shape(slot: _Slot, shape: tuple[int, ...]) -> tuple[int, ...
   return shape
 
 
+def torch_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+  """torch key -> the torch-layout shape the model expects (works on `nnx.eval_shape` models)."""
+  return {key: _expected_torch_shape(slot, tuple(slot.variable.get_value().shape))
+          for key, slot in _slots(model).items()}
+
+
 def model_state_dict(model: nnx.Module, *, skip: Iterable[str] = ()) -> dict[str, np.ndarray]:
   """The torch-layout state dict of `model` (NumPy float arrays), the inverse of loading."""
   skipped = set(skip)

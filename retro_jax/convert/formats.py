@@ -1,0 +1,183 @@
+"""Checkpoint formats: which entries of a PyTorch file are the backbone and the head.
+
+Each format is one small function from the loaded file to a `SplitCheckpoint`: the backbone's
+and the head's entries under the keys of our module trees (torchvision's layout for CNNs,
+timm's for ViTs), the head's description, and every entry deliberately left out with the
+reason. Anything a format does not account for is kept, so the strict loader rejects it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+import dataclasses
+from typing import Any
+
+from retro_jax.convert import timm_layout
+
+
+class CheckpointFormatError(ValueError):
+  """The file is not in the format it was said to be."""
+
+
+@dataclasses.dataclass
+class SplitCheckpoint:
+  backbone: dict[str, Any]
+  head: dict[str, Any] | None = None
+  head_kind: str | None = None
+  head_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  ignored: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> why
+
+
+def family(arch: str) -> str:
+  for prefix in ("resnet", "efficientnet", "mobilenet_v3", "vit"):
+    if arch.startswith(prefix):
+      return prefix
+  raise CheckpointFormatError(f"no checkpoint format knows the architecture {arch!r}")
+
+
+# The ImageNet classifier of each reference layout: not part of a backbone.
+_CLASSIFIERS = {"resnet": ("fc.",), "efficientnet": ("classifier.",),
+                "mobilenet_v3": ("classifier.",), "vit": ("head.", "fc_norm.")}
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+  return isinstance(obj, Mapping) and bool(obj) and all(
+      isinstance(k, str) and hasattr(v, "shape") for k, v in obj.items())
+
+
+def _plain_state_dict(obj: Any, what: str) -> dict[str, Any]:
+  """A bare state dict, or one wrapped under the usual 'state_dict'/'model' entry."""
+  if _is_tensor_dict(obj):
+    return dict(obj)
+  if isinstance(obj, Mapping):
+    for wrapper in ("state_dict", "model"):
+      if _is_tensor_dict(obj.get(wrapper)):
+        return dict(obj[wrapper])
+  entries = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+  raise CheckpointFormatError(f"expected a {what} state dict (names -> tensors); the file holds "
+                              f"{entries}")
+
+
+def _strip(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+  if state and all(k.startswith(prefix) for k in state):
+    return {k[len(prefix):]: v for k, v in state.items()}
+  return state
+
+
+def _drop_classifier(state: dict[str, Any], arch: str, ignored: dict[str, str]) -> dict[str, Any]:
+  prefixes = _CLASSIFIERS[family(arch)]
+  kept = {}
+  for key, value in state.items():
+    if key.startswith(prefixes):
+      ignored[key] = "ImageNet classifier, not part of the backbone"
+    else:
+      kept[key] = value
+  return kept
+
+
+def split_torchvision(obj: Any, arch: str) -> SplitCheckpoint:
+  ignored: dict[str, str] = {}
+  state = _strip(_plain_state_dict(obj, "torchvision"), "module.")
+  return SplitCheckpoint(_drop_classifier(state, arch, ignored), ignored=ignored)
+
+
+def split_timm(obj: Any, arch: str) -> SplitCheckpoint:
+  ignored: dict[str, str] = {}
+  state = _strip(_plain_state_dict(obj, "timm"), "module.")
+  if family(arch) in ("efficientnet", "mobilenet_v3"):
+    state, leftovers = timm_layout.timm_to_torchvision_keys(arch, state)
+    for key in leftovers:
+      ignored[key] = "timm classifier stage after the pool, not part of the backbone"
+  return SplitCheckpoint(_drop_classifier(state, arch, ignored), ignored=ignored)
+
+
+def split_moco(obj: Any, arch: str) -> SplitCheckpoint:
+  """MoCo v1/v2 (and DisCo release) training checkpoints: the query encoder and its head."""
+  del arch
+  if not isinstance(obj, Mapping) or not _is_tensor_dict(obj.get("state_dict")):
+    entries = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+    raise CheckpointFormatError("not a MoCo training checkpoint: expected a 'state_dict' entry "
+                                f"with keys 'module.encoder_q.*'; the file holds {entries}")
+  state = _strip(dict(obj["state_dict"]), "module.")
+  if not any(k.startswith("encoder_q.") for k in state):
+    raise CheckpointFormatError("not a MoCo training checkpoint: no 'encoder_q.' keys; first "
+                                f"keys: {sorted(state)[:10]}")
+  ignored, backbone, head = {}, {}, {}
+  for key, value in state.items():
+    if key.startswith("encoder_k."):
+      ignored[key] = "momentum (key) encoder: the query encoder is the model"
+    elif key in ("queue", "queue_ptr"):
+      ignored[key] = "MoCo's queue of keys, training state"
+    elif key.startswith("encoder_q.fc."):
+      head[key[len("encoder_q.fc."):]] = value
+    elif key.startswith("encoder_q."):
+      backbone[key[len("encoder_q."):]] = value
+    else:
+      backbone[key] = value  # Unaccounted for: the strict loader will name it.
+  if not head:
+    raise CheckpointFormatError("MoCo checkpoint without a head ('encoder_q.fc.*')")
+  linears = sorted({k.split(".")[0] for k in head if k.endswith(".weight")}, key=int) if all(
+      k.split(".")[0].isdigit() for k in head) else None
+  if linears is None:  # MoCo v1: a single Linear `fc`.
+    head = {f"0.{k}": v for k, v in head.items()}
+    linears = ["0"]
+  dims = [int(head[f"{linears[0]}.weight"].shape[1])]
+  dims += [int(head[f"{i}.weight"].shape[0]) for i in linears]
+  return SplitCheckpoint(backbone, head, "mlp", {"dims": dims}, ignored)
+
+
+def _dino_head_kwargs(head: dict[str, Any], args: Any) -> dict[str, Any]:
+  try:
+    weight_v = head["last_layer.weight_v"]
+    first = head["mlp.0.weight"] if "mlp.0.weight" in head else head["mlp.weight"]
+  except KeyError as error:
+    raise CheckpointFormatError(f"DINO head without {error.args[0]!r}; head keys: "
+                                f"{sorted(head)[:20]}") from None
+  # Linear layers are the 2-D weights of `mlp` (a BatchNorm's weight is 1-D).
+  linears = sorted(int(k.split(".")[1]) for k, v in head.items()
+                   if k.startswith("mlp.") and k.endswith(".weight") and k.count(".") == 2
+                   and len(v.shape) == 2)
+  last_hidden = head[f"mlp.{linears[-1]}.weight"] if linears else first
+  norm_last_layer = getattr(args, "norm_last_layer", None)
+  if norm_last_layer is None:  # DINO fixes g to 1 exactly when norm_last_layer is set.
+    norm_last_layer = bool((head["last_layer.weight_g"] == 1).all())
+  return {"in_features": int(first.shape[1]), "out_features": int(weight_v.shape[0]),
+          "norm_last_layer": bool(norm_last_layer), "num_layers": max(len(linears), 1),
+          "hidden_features": int(first.shape[0]),
+          "bottleneck_features": int(last_hidden.shape[0]),
+          "batch_norm": any(k.endswith("running_mean") for k in head)}
+
+
+def split_dino(obj: Any, arch: str) -> SplitCheckpoint:
+  """DINO backbone-only files, or full training checkpoints (the EMA teacher and its head)."""
+  if not (isinstance(obj, Mapping) and "teacher" in obj):
+    return split_torchvision(obj, arch) if family(arch) == "resnet" else SplitCheckpoint(
+        _strip(_plain_state_dict(obj, "DINO backbone"), "module."))
+  ignored = {key: "DINO training state; the converter takes the EMA teacher, as DINO's "
+             "evaluation does" for key in obj if key != "teacher"}
+  state = _strip(_plain_state_dict(obj["teacher"], "DINO teacher"), "module.")
+  backbone, head = {}, {}
+  for key, value in state.items():
+    if key.startswith("backbone."):
+      backbone[key[len("backbone."):]] = value
+    elif key.startswith("head."):
+      head[key[len("head."):]] = value
+    else:
+      backbone[key] = value  # Unaccounted for: the strict loader will name it.
+  if not head:
+    raise CheckpointFormatError("DINO checkpoint's teacher has no 'head.*' entries")
+  kwargs = _dino_head_kwargs(head, obj.get("args"))
+  return SplitCheckpoint(backbone, head, "dino", kwargs, ignored)
+
+
+FORMATS: dict[str, Callable[[Any, str], SplitCheckpoint]] = {
+    "torchvision": split_torchvision,
+    "timm": split_timm,
+    "moco": split_moco,
+    "dino": split_dino,
+}
+
+# Pickled objects besides tensors that the formats above legitimately contain (DINO stores its
+# argparse flags); torch.load's safe unpickler must be told about them.
+SAFE_GLOBALS = (argparse.Namespace,)
