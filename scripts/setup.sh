@@ -74,7 +74,11 @@ if [[ ! -x "$venv/bin/python" ]]; then
   say "creating virtual environment $venv with $("$python" -V 2>&1)"
   "$python" -m venv "$venv"
 fi
-pip() { "$venv/bin/python" -m pip "$@"; }
+# This machine's pip configuration may name local package folders that do not exist; pip
+# warns about each one on every lookup. Those lines are noise; everything else is shown.
+pip() {
+  "$venv/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 say "upgrading pip"
 pip install -q --upgrade pip
 
