@@ -116,7 +116,7 @@ def convert(src: pathlib.Path, fmt: str, arch: str, out: pathlib.Path, *,
     split = formats.FORMATS[fmt](obj, arch)
   except formats.CheckpointFormatError as error:
     raise ConversionError(f"{src} is not a {fmt!r} checkpoint for {arch}: {error}") from None
-  spec = encoder.EncoderSpec(arch, {}, split.head_kind, split.head_kwargs)
+  spec = encoder.EncoderSpec(arch, split.backbone_kwargs, split.head_kind, split.head_kwargs)
   # Shapes only: the strict loader below gives every weight its value or fails.
   model = encoder.abstract_encoder(spec)
   try:

@@ -23,6 +23,8 @@ class CheckpointFormatError(ValueError):
 @dataclasses.dataclass
 class SplitCheckpoint:
   backbone: dict[str, Any]
+  # Constructor arguments making our backbone compute what the file's network computes.
+  backbone_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
   head: dict[str, Any] | None = None
   head_kind: str | None = None
   head_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -85,11 +87,13 @@ def split_torchvision(obj: Any, arch: str) -> SplitCheckpoint:
 def split_timm(obj: Any, arch: str) -> SplitCheckpoint:
   ignored: dict[str, str] = {}
   state = _strip(_plain_state_dict(obj, "timm"), "module.")
+  kwargs = {}
   if family(arch) in ("efficientnet", "mobilenet_v3"):
-    state, leftovers = timm_layout.timm_to_torchvision_keys(arch, state)
-    for key in leftovers:
+    state, after_pool = timm_layout.timm_to_torchvision_keys(arch, state)
+    for key in after_pool:
       ignored[key] = "timm classifier stage after the pool, not part of the backbone"
-  return SplitCheckpoint(_drop_classifier(state, arch, ignored), ignored=ignored)
+    kwargs = timm_layout.timm_backbone_kwargs(arch)  # e.g. timm's BN eps for MobileNetV3.
+  return SplitCheckpoint(_drop_classifier(state, arch, ignored), kwargs, ignored=ignored)
 
 
 def split_moco(obj: Any, arch: str) -> SplitCheckpoint:
@@ -124,7 +128,7 @@ def split_moco(obj: Any, arch: str) -> SplitCheckpoint:
     linears = ["0"]
   dims = [int(head[f"{linears[0]}.weight"].shape[1])]
   dims += [int(head[f"{i}.weight"].shape[0]) for i in linears]
-  return SplitCheckpoint(backbone, head, "mlp", {"dims": dims}, ignored)
+  return SplitCheckpoint(backbone, {}, head, "mlp", {"dims": dims}, ignored)
 
 
 def _dino_head_kwargs(head: dict[str, Any], args: Any) -> dict[str, Any]:
@@ -168,7 +172,7 @@ def split_dino(obj: Any, arch: str) -> SplitCheckpoint:
   if not head:
     raise CheckpointFormatError("DINO checkpoint's teacher has no 'head.*' entries")
   kwargs = _dino_head_kwargs(head, obj.get("args"))
-  return SplitCheckpoint(backbone, head, "dino", kwargs, ignored)
+  return SplitCheckpoint(backbone, {}, head, "dino", kwargs, ignored)
 
 
 FORMATS: dict[str, Callable[[Any, str], SplitCheckpoint]] = {

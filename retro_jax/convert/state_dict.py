@@ -140,7 +140,9 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
   for key, array in arrays.items():
     variable = slots[key].variable
     dtype = variable.get_value().dtype
-    variable.set_value(jnp.asarray(array, dtype=dtype))
+    # A copy: on CPU jnp.asarray may share memory with the torch tensor, which torch code
+    # can still change in place (a train-mode BatchNorm, an optimiser step).
+    variable.set_value(jnp.array(array, dtype=dtype, copy=True))
 
 
 def _expected_torch_shape(slot: _Slot, shape: tuple[int, ...]) -> tuple[int, ...]:
