@@ -48,6 +48,22 @@ def device_summary() -> dict[str, object]:
   }
 
 
+def backbone_table() -> list[dict[str, object]]:
+  """Every registered backbone with its feature width and parameter count (shapes only)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from retro_jax.models import registry  # pylint: disable=g-import-not-at-top
+
+  rows = []
+  for name in registry.backbone_names():
+    model = nnx.eval_shape(lambda name=name: registry.create_backbone(name, rngs=nnx.Rngs(0)))
+    params = sum(v.get_value().size for _, v in nnx.iter_graph(model)
+                 if isinstance(v, nnx.Param))
+    rows.append({"name": name, "feature_width": int(model.feature_width),
+                 "parameters": int(params)})
+  return rows
+
+
 def collect() -> dict[str, object]:
   return {
       "python": sys.version.split()[0],
@@ -67,6 +83,10 @@ def _format(report: dict[str, object]) -> str:
   lines.append("jax")
   for key, value in report["jax"].items():
     lines.append(f"  {key:<21} {', '.join(value) if isinstance(value, list) else value}")
+  if "backbones" in report:
+    lines.append("backbones (feature width, parameters)")
+    for row in report["backbones"]:
+      lines.append(f"  {row['name']:<21} {row['feature_width']:>5}  {row['parameters']:>11,}")
   lines.append("environment")
   for key, value in report["environment"].items() or [("(none of "
                                                        + ", ".join(_ENVIRONMENT) + ")", "")]:
@@ -77,8 +97,12 @@ def _format(report: dict[str, object]) -> str:
 def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.info") -> int:
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
   parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+  parser.add_argument("--models", action="store_true",
+                      help="also list the registered backbones (feature width, parameters)")
   args = parser.parse_args(argv)
   report = collect()
+  if args.models:
+    report["backbones"] = backbone_table()
   print(json.dumps(report, indent=2) if args.json else _format(report))
   return 0
 

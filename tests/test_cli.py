@@ -80,3 +80,18 @@ def test_info_text_lists_packages():
   assert result.returncode == 0, result.stderr
   assert f"jax                   {metadata.version('jax')}" in result.stdout
   assert "device_count          8" in result.stdout
+
+
+def test_info_models_lists_every_backbone_with_its_size(capsys):
+  import torchvision  # pylint: disable=g-import-not-at-top
+
+  from retro_jax import info  # pylint: disable=g-import-not-at-top
+  from retro_jax.models import registry  # pylint: disable=g-import-not-at-top
+
+  assert info.main(["--json", "--models"]) == 0
+  rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)["backbones"]}
+  assert sorted(rows) == registry.backbone_names()
+  reference = torchvision.models.resnet50()
+  assert rows["resnet50"]["parameters"] == sum(
+      p.numel() for name, p in reference.named_parameters() if not name.startswith("fc."))
+  assert rows["resnet50"]["feature_width"] == reference.fc.in_features

@@ -78,6 +78,21 @@ def _drop_classifier(state: dict[str, Any], arch: str, ignored: dict[str, str]) 
   return kept
 
 
+def _split_backbone_head(state: dict[str, Any], backbone_prefix: str,
+                         head_prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Entries under `head_prefix` -> head, the rest -> backbone, both without their prefix.
+
+  An entry under neither prefix stays in the backbone as it is, so the strict loader names it.
+  """
+  backbone, head = {}, {}
+  for key, value in state.items():
+    if key.startswith(head_prefix):
+      head[key[len(head_prefix):]] = value
+    else:
+      backbone[key.removeprefix(backbone_prefix)] = value
+  return backbone, head
+
+
 def split_torchvision(obj: Any, arch: str) -> SplitCheckpoint:
   ignored: dict[str, str] = {}
   state = _strip(_plain_state_dict(obj, "torchvision"), "module.")
@@ -107,18 +122,14 @@ def split_moco(obj: Any, arch: str) -> SplitCheckpoint:
   if not any(k.startswith("encoder_q.") for k in state):
     raise CheckpointFormatError("not a MoCo training checkpoint: no 'encoder_q.' keys; first "
                                 f"keys: {sorted(state)[:10]}")
-  ignored, backbone, head = {}, {}, {}
-  for key, value in state.items():
+  ignored = {}
+  for key in list(state):
     if key.startswith("encoder_k."):
       ignored[key] = "momentum (key) encoder: the query encoder is the model"
     elif key in ("queue", "queue_ptr"):
       ignored[key] = "MoCo's queue of keys, training state"
-    elif key.startswith("encoder_q.fc."):
-      head[key[len("encoder_q.fc."):]] = value
-    elif key.startswith("encoder_q."):
-      backbone[key[len("encoder_q."):]] = value
-    else:
-      backbone[key] = value  # Unaccounted for: the strict loader will name it.
+  backbone, head = _split_backbone_head(
+      {k: v for k, v in state.items() if k not in ignored}, "encoder_q.", "encoder_q.fc.")
   if not head:
     raise CheckpointFormatError("MoCo checkpoint without a head ('encoder_q.fc.*')")
   linears = sorted({k.split(".")[0] for k in head if k.endswith(".weight")}, key=int) if all(
@@ -161,14 +172,7 @@ def split_dino(obj: Any, arch: str) -> SplitCheckpoint:
   ignored = {key: "DINO training state; the converter takes the EMA teacher, as DINO's "
              "evaluation does" for key in obj if key != "teacher"}
   state = _strip(_plain_state_dict(obj["teacher"], "DINO teacher"), "module.")
-  backbone, head = {}, {}
-  for key, value in state.items():
-    if key.startswith("backbone."):
-      backbone[key[len("backbone."):]] = value
-    elif key.startswith("head."):
-      head[key[len("head."):]] = value
-    else:
-      backbone[key] = value  # Unaccounted for: the strict loader will name it.
+  backbone, head = _split_backbone_head(state, "backbone.", "head.")
   if not head:
     raise CheckpointFormatError("DINO checkpoint's teacher has no 'head.*' entries")
   kwargs = _dino_head_kwargs(head, obj.get("args"))
