@@ -16,6 +16,7 @@ import retro_jax
 # name -> one-line summary; the module is retro_jax.<name>. Add a line when a CLI lands.
 SUBCOMMANDS: dict[str, str] = {
     "convert": "PyTorch checkpoint (torchvision, timm, MoCo, DINO) -> retro_jax model directory",
+    "data": "prepare TFDS datasets offline (fashion_mnist from Debian's dataset-fashion-mnist); list them",
     "embed": "run a model directory on an .npy array of images: features or embeddings",
     "info": "print versions, devices and settings (paste it into bug reports)",
 }

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from retro_jax.models.depthwise import DepthwiseConv
+from retro_jax.models.efficientnet import make_divisible
 from retro_jax.models.heads import TorchSequential
 
 _BN_EPSILON = 1e-5
@@ -51,12 +52,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "hard_swish": jax.nn.hard_swish,  # x * relu6(x + 3) / 6, torch's Hardswish
     "relu": jax.nn.relu,
 }
-
-
-def _make_divisible(value: float, divisor: int = 8) -> int:
-  # timm's make_divisible, which sizes the expanded width of its InvertedResidual.
-  rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-  return rounded + divisor if rounded < 0.9 * value else rounded
 
 
 def _conv(in_features: int, out_features: int, kernel: int, *, use_bias: bool = False,
@@ -101,7 +96,8 @@ class InvertedResidualAdapter(nnx.Module):
     """
     if activation not in ACTIVATIONS:
       raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
-    hidden = _make_divisible(in_features * expansion)
+    # timm sizes the expanded width with the same rounding as torchvision.
+    hidden = make_divisible(in_features * expansion)
     self.in_features, self.out_features = in_features, out_features
     self.activation = activation
     self.conv_pw = _conv(in_features, hidden, 1, rngs=rngs)

@@ -19,36 +19,13 @@ import torchvision
 from retro_jax import embed
 from retro_jax.convert import cli as convert_cli
 
-RTOL = 1e-5
-
-
-def randomize_batch_norm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):  # pylint: disable=protected-access
-        shape = module.running_mean.shape
-        module.running_mean.copy_(torch.randn(shape, generator=generator) * 0.1)
-        module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
-        module.weight.copy_(torch.randn(shape, generator=generator) * 0.2 + 1)
-        module.bias.copy_(torch.randn(shape, generator=generator) * 0.1)
-  return model.eval()
-
-
-def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
-  return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
-
-
-def run_convert(*args: str) -> int:
-  return convert_cli.main([str(a) for a in args])
-
-
-def run_embed(checkpoint, images: np.ndarray, tmp_path, output: str) -> np.ndarray:
-  images_path, out_path = tmp_path / f"images_{output}.npy", tmp_path / f"out_{output}.npy"
-  np.save(images_path, images)
-  assert embed.main(["--checkpoint", str(checkpoint), "--images", str(images_path), "--out",
-                     str(out_path), "--output", output, "--batch-size", "2"]) == 0
-  return np.load(out_path)
+from cli_runner import run_convert
+from cli_runner import run_embed
+from torch_reference import RTOL
+from torch_reference import nchw
+from torch_reference import random_images
+from torch_reference import randomise
+from torch_reference import relative_error
 
 
 class MocoQueryEncoder(torch.nn.Module):
@@ -57,7 +34,7 @@ class MocoQueryEncoder(torch.nn.Module):
   def __init__(self):
     super().__init__()
     torch.manual_seed(0)
-    self.net = randomize_batch_norm(torchvision.models.resnet50())
+    self.net = randomise(torchvision.models.resnet50(), seed=0)
     self.net.fc = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.ReLU(),
                                       torch.nn.Linear(2048, 128))
 
@@ -90,7 +67,7 @@ def test_moco_resnet50_features_and_embedding_match_torch(moco, tmp_path, size):
   encoder, _, out = moco
   images = np.random.default_rng(size).normal(size=(3, size, size, 3)).astype(np.float32)
   with torch.no_grad():
-    x = torch.from_numpy(images.transpose(0, 3, 1, 2))
+    x = nchw(images)
     expected_features = encoder.features(x).numpy()
     expected_embedding = encoder.net(x).numpy()
   features = run_embed(out, images, tmp_path, "features")
@@ -121,7 +98,7 @@ def test_uint8_images_are_normalised_with_the_model_statistics(moco, tmp_path):
   mean, std = np.array(convert_cli.IMAGENET_MEAN), np.array(convert_cli.IMAGENET_STD)
   normalised = ((pixels / 255.0 - mean) / std).astype(np.float32)
   with torch.no_grad():
-    expected = encoder.features(torch.from_numpy(normalised.transpose(0, 3, 1, 2))).numpy()
+    expected = encoder.features(nchw(normalised)).numpy()
   assert relative_error(run_embed(out, pixels, tmp_path, "features"), expected) <= RTOL
 
 
@@ -131,7 +108,7 @@ def test_uint8_images_are_normalised_with_the_model_statistics(moco, tmp_path):
 @pytest.fixture(scope="module")
 def resnet18_file(tmp_path_factory):
   torch.manual_seed(1)
-  model = randomize_batch_norm(torchvision.models.resnet18())
+  model = randomise(torchvision.models.resnet18(), seed=0)
   path = tmp_path_factory.mktemp("tv") / "resnet18.pth"
   torch.save(model.state_dict(), path)
   return model, path
@@ -142,10 +119,10 @@ def test_torchvision_resnet18_features_match(resnet18_file, tmp_path):
   out = tmp_path / "r18"
   assert run_convert("--src", path, "--format", "torchvision", "--arch", "resnet18",
                      "--out", out) == 0
-  images = np.random.default_rng(2).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  images = random_images(64, seed=2)
   model.fc = torch.nn.Identity()
   with torch.no_grad():
-    expected = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    expected = model(nchw(images)).numpy()
   assert relative_error(run_embed(out, images, tmp_path, "features"), expected) <= RTOL
   description = json.loads((out / "model.json").read_text())
   assert description["head"] is None

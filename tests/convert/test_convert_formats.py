@@ -14,23 +14,17 @@ import timm
 import torch
 import torchvision
 
-from test_convert_cli import RTOL
-from test_convert_cli import randomize_batch_norm
-from test_convert_cli import relative_error
-from test_convert_cli import run_convert
-from test_convert_cli import run_embed
+from cli_runner import run_convert
+from cli_runner import run_embed
+from torch_reference import RTOL
+from torch_reference import nchw
+from torch_reference import random_images
+from torch_reference import randomise
+from torch_reference import relative_error
 
 # DINO's checkpoints hold weight_g/weight_v: the deprecated weight_norm is the faithful layout.
 pytestmark = pytest.mark.filterwarnings(
     "ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
-
-
-def nchw(images: np.ndarray) -> torch.Tensor:
-  return torch.from_numpy(images.transpose(0, 3, 1, 2))
-
-
-def images_of(size: int, seed: int = 0) -> np.ndarray:
-  return np.random.default_rng(seed).normal(size=(2, size, size, 3)).astype(np.float32)
 
 
 def convert_and_embed(tmp_path, state, fmt, arch, images, output="features", extra=()):
@@ -47,8 +41,8 @@ def convert_and_embed(tmp_path, state, fmt, arch, images, output="features", ext
 ])
 def test_torchvision_cnn_students(tmp_path, torch_name, arch, size):
   torch.manual_seed(0)
-  model = randomize_batch_norm(getattr(torchvision.models, torch_name)())
-  images = images_of(size)
+  model = randomise(getattr(torchvision.models, torch_name)(), seed=0)
+  images = random_images(size)
   with torch.no_grad():
     expected = torch.flatten(model.avgpool(model.features(nchw(images))), 1).numpy()
   got = convert_and_embed(tmp_path, model.state_dict(), "torchvision", arch, images)
@@ -62,8 +56,8 @@ def test_torchvision_cnn_students(tmp_path, torch_name, arch, size):
 ])
 def test_timm_models(tmp_path, timm_name, arch, size):
   torch.manual_seed(0)
-  model = randomize_batch_norm(timm.create_model(timm_name, pretrained=False))
-  images = images_of(size)
+  model = randomise(timm.create_model(timm_name, pretrained=False), seed=0)
+  images = random_images(size)
   with torch.no_grad():
     # The pooled feature before any classifier stage: timm's forward_head(pre_logits) for
     # a ViT (class token after the final norm); the global pool of forward_features for CNNs.
@@ -126,7 +120,7 @@ def test_dino_full_checkpoint_teacher_and_head(dino_checkpoint, tmp_path):
   out = tmp_path / "dino"
   assert run_convert("--src", path, "--format", "dino", "--arch", "vit_small_patch16",
                      "--out", out) == 0
-  images = images_of(size, seed=size)
+  images = random_images(size, seed=size)
   with torch.no_grad():
     features = teacher.backbone.forward_head(
         teacher.backbone.forward_features(nchw(images)), pre_logits=True)

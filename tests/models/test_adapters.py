@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,27 +22,13 @@ from torch import nn
 from retro_jax.convert.state_dict import load_state_dict
 from retro_jax.models import adapters
 
-RTOL = 1e-5
+from torch_reference import RTOL
+from torch_reference import nchw
+from torch_reference import num_params
+from torch_reference import randomise
+from torch_reference import relative_error
+
 TORCH_ACTIVATIONS = {"silu": nn.SiLU, "hard_mish": HardMish, "hard_swish": nn.Hardswish}
-
-
-def _rel_err(actual, expected) -> float:
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
-
-
-def _randomise(module: nn.Module, seed: int) -> nn.Module:
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for sub in module.modules():
-      if isinstance(sub, nn.BatchNorm2d):
-        sub.weight.uniform_(0.5, 1.5, generator=gen)
-        sub.bias.normal_(0.0, 0.1, generator=gen)
-        sub.running_mean.normal_(0.0, 0.1, generator=gen)
-        sub.running_var.uniform_(0.5, 1.5, generator=gen)
-      elif isinstance(sub, nn.Conv2d) and sub.bias is not None:
-        sub.bias.normal_(0.0, 0.1, generator=gen)
-  return module.eval()
 
 
 def _timm_inverted_residual(in_chs: int, out_chs: int, activation: str) -> nn.Module:
@@ -97,35 +82,31 @@ def _maps(channels: int, seed: int, size: int = 6) -> np.ndarray:
 
 def _torch_out(module: nn.Module, x: np.ndarray) -> np.ndarray:
   with torch.no_grad():
-    return module(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
-
-
-def _num_params(model: nnx.Module) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return module(nchw(x)).permute(0, 2, 3, 1).numpy()
 
 
 @pytest.mark.parametrize("activation", ["silu", "hard_mish", "hard_swish"])
 def test_inverted_residual_matches_timm(activation):
-  reference = _randomise(_timm_inverted_residual(16, 40, activation), seed=0)
+  reference = randomise(_timm_inverted_residual(16, 40, activation), seed=0)
   assert not reference.has_skip
   model = _flax("inverted_residual", 16, 40, reference, activation=activation)
   x = _maps(16, seed=1)
   out = _apply(model, jnp.asarray(x))
   assert out.shape == (2, 6, 6, 40)
-  assert _rel_err(out, _torch_out(reference, x)) <= RTOL
+  assert relative_error(out, _torch_out(reference, x)) <= RTOL
 
 
 @pytest.mark.parametrize("implementation", ["grouped", "shifted"])
 def test_inverted_residual_matches_timm_with_either_depthwise_kernel(implementation):
-  reference = _randomise(_timm_inverted_residual(8, 24, "silu"), seed=2)
+  reference = randomise(_timm_inverted_residual(8, 24, "silu"), seed=2)
   model = _flax("inverted_residual", 8, 24, reference)
   model.conv_dw.implementation = implementation
   x = _maps(8, seed=3, size=5)
-  assert _rel_err(_apply(model, jnp.asarray(x)), _torch_out(reference, x)) <= RTOL
+  assert relative_error(_apply(model, jnp.asarray(x)), _torch_out(reference, x)) <= RTOL
 
 
 def test_inverted_residual_train_mode_matches_timm():
-  reference = _randomise(_timm_inverted_residual(8, 24, "silu"), seed=4)
+  reference = randomise(_timm_inverted_residual(8, 24, "silu"), seed=4)
   # Copies: torch's train-mode forward updates its BN statistics in place.
   model = nnx.eval_shape(lambda: adapters.create_adapter("inverted_residual", 8, 24,
                                                          rngs=nnx.Rngs(0)))
@@ -133,25 +114,25 @@ def test_inverted_residual_train_mode_matches_timm():
   model.train()
   reference.train()
   x = _maps(8, seed=5)
-  assert _rel_err(_apply(model, jnp.asarray(x)), _torch_out(reference, x)) <= RTOL
+  assert relative_error(_apply(model, jnp.asarray(x)), _torch_out(reference, x)) <= RTOL
 
 
 def test_simkd_matches_simkd_transfer():
-  reference = _randomise(_simkd_transfer(16, 48), seed=6)
+  reference = randomise(_simkd_transfer(16, 48), seed=6)
   model = _flax("simkd", 16, 48, reference)
   x = _maps(16, seed=7)
   out = _apply(model, jnp.asarray(x))
   assert out.shape == (2, 6, 6, 48)
-  assert _rel_err(out, _torch_out(reference, x)) <= RTOL
+  assert relative_error(out, _torch_out(reference, x)) <= RTOL
   assert float(jnp.min(out)) >= 0.0  # SimKD ends with a ReLU
 
 
 @pytest.mark.parametrize("batch_norm", [True, False])
 def test_conv1x1_matches_torch(batch_norm):
-  reference = _randomise(TorchConv1x1(16, 24, batch_norm), seed=8)
+  reference = randomise(TorchConv1x1(16, 24, batch_norm), seed=8)
   model = _flax("conv1x1", 16, 24, reference, batch_norm=batch_norm)
   x = _maps(16, seed=9)
-  assert _rel_err(_apply(model, jnp.asarray(x)), _torch_out(reference, x)) <= RTOL
+  assert relative_error(_apply(model, jnp.asarray(x)), _torch_out(reference, x)) <= RTOL
 
 
 @pytest.mark.parametrize("kind,in_width,expected", [
@@ -164,7 +145,7 @@ def test_conv1x1_matches_torch(batch_norm):
 ])
 def test_parameter_counts(kind, in_width, expected):
   model = nnx.eval_shape(lambda: adapters.create_adapter(kind, in_width, 2048, rngs=nnx.Rngs(0)))
-  assert _num_params(model) == expected
+  assert num_params(model) == expected
   with torch.device("meta"):
     reference = {"inverted_residual": lambda: _timm_inverted_residual(in_width, 2048, "silu"),
                  "simkd": lambda: _simkd_transfer(in_width, 2048),

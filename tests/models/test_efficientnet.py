@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,50 +17,11 @@ from retro_jax.convert.timm_layout import timm_to_torchvision_keys
 from retro_jax.models import create_backbone
 from retro_jax.models.efficientnet import MBConv
 
-# One jitted forward for every model: equal graph definitions share the compiled program.
-_forward = nnx.jit(lambda model, x: model(x))
-
-
-def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-  """Random BN statistics and affine parameters and conv biases (zero at torch's init)."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        module.weight.copy_(torch.empty_like(module.weight).uniform_(0.5, 1.5, generator=gen))
-        module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
-        module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen) * 0.1)
-        module.running_var.copy_(
-            torch.empty_like(module.running_var).uniform_(0.5, 1.5, generator=gen))
-      elif isinstance(module, torch.nn.Conv2d) and module.bias is not None:
-        module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
-  return model.eval()
-
-
-def _images(size: int, seed: int = 0) -> np.ndarray:
-  return np.random.default_rng(seed).standard_normal((2, 3, size, size), dtype=np.float32)
-
-
-def _rel_err(ours: jax.Array, reference: np.ndarray) -> float:
-  return float(np.linalg.norm(np.asarray(ours) - reference) / np.linalg.norm(reference))
-
-
-def _num_params(model: nnx.Module) -> int:
-  return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def _backbone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-  return {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
-
-
-def _assert_parity(model: nnx.Module, features: torch.nn.Module, images: np.ndarray) -> None:
-  """feature_map and pooled of `model` equal torch's `features(x)` and its mean."""
-  with torch.no_grad():
-    ref_map = features(torch.from_numpy(images)).numpy().transpose(0, 2, 3, 1)
-  out = _forward(model, jnp.asarray(images.transpose(0, 2, 3, 1)))
-  assert out.feature_map.shape == ref_map.shape
-  assert _rel_err(out.feature_map, ref_map) <= 1e-5
-  assert _rel_err(out.pooled, ref_map.mean(axis=(1, 2))) <= 1e-5
+from torch_reference import assert_feature_parity
+from torch_reference import backbone_state
+from torch_reference import num_params
+from torch_reference import random_images
+from torch_reference import randomise
 
 
 def _build(name: str, torch_model: torch.nn.Module, **kwargs) -> nnx.Module:
@@ -73,7 +33,7 @@ def _build(name: str, torch_model: torch.nn.Module, **kwargs) -> nnx.Module:
   """
   model = nnx.eval_shape(
       lambda: create_backbone(name, rngs=nnx.Rngs(0), drop_path_rate=0.0, **kwargs))
-  load_state_dict(model, _backbone_state(torch_model))
+  load_state_dict(model, backbone_state(torch_model))
   model.eval()
   return model
 
@@ -81,7 +41,7 @@ def _build(name: str, torch_model: torch.nn.Module, **kwargs) -> nnx.Module:
 @pytest.fixture(scope="module")
 def b0_torch() -> torch.nn.Module:
   torch.manual_seed(0)
-  return _randomise(torchvision.models.efficientnet_b0(), seed=1)
+  return randomise(torchvision.models.efficientnet_b0(), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -91,35 +51,35 @@ def b0(b0_torch) -> nnx.Module:
 
 def test_b0_matches_torchvision_at_224(b0, b0_torch):
   assert b0.feature_width == b0_torch.classifier[1].in_features == 1280
-  assert _num_params(b0) == sum(p.numel() for k, p in b0_torch.named_parameters()
+  assert num_params(b0) == sum(p.numel() for k, p in b0_torch.named_parameters()
                                 if not k.startswith("classifier."))
-  _assert_parity(b0, b0_torch.features, _images(224))
+  assert_feature_parity(b0, b0_torch.features, random_images(224))
 
 
 def test_b1_matches_torchvision_at_low_resolution():
   torch.manual_seed(2)
-  reference = _randomise(torchvision.models.efficientnet_b1(), seed=3)
+  reference = randomise(torchvision.models.efficientnet_b1(), seed=3)
   model = _build("efficientnet_b1", reference)
   assert model.feature_width == 1280
-  assert _num_params(model) == sum(p.numel() for k, p in reference.named_parameters()
+  assert num_params(model) == sum(p.numel() for k, p in reference.named_parameters()
                                    if not k.startswith("classifier."))
-  _assert_parity(model, reference.features, _images(64, seed=1))
+  assert_feature_parity(model, reference.features, random_images(64, seed=1))
 
 
 def test_b0_matches_timm_through_key_renaming(b0):
   torch.manual_seed(4)
-  reference = _randomise(timm.create_model("efficientnet_b0", pretrained=False), seed=5)
+  reference = randomise(timm.create_model("efficientnet_b0", pretrained=False), seed=5)
   renamed = timm_to_torchvision_keys("efficientnet_b0", reference.state_dict())
   assert sorted(renamed.head) == ["classifier.bias", "classifier.weight"]
   assert timm_backbone_kwargs("efficientnet_b0") == {}
   model = nnx.clone(b0)  # Same graph as the torchvision-loaded model: no new compile.
   load_state_dict(model, renamed.backbone)
-  _assert_parity(model, reference.forward_features, _images(224, seed=2))
+  assert_feature_parity(model, reference.forward_features, random_images(224, seed=2))
 
 
 def test_timm_b1_keys_and_shapes_equal_torchvision():
   timm_state = timm.create_model("efficientnet_b1", pretrained=False).state_dict()
-  ours = _backbone_state(torchvision.models.efficientnet_b1())
+  ours = backbone_state(torchvision.models.efficientnet_b1())
   renamed = timm_to_torchvision_keys("efficientnet_b1", timm_state)
   assert {k: tuple(v.shape) for k, v in renamed.backbone.items()} == {
       k: tuple(v.shape) for k, v in ours.items()}

@@ -21,30 +21,13 @@ from retro_jax.convert.state_dict import load_state_dict
 from retro_jax.convert.state_dict import model_state_dict
 from retro_jax.models import heads
 
-RTOL = 1e-5
+from torch_reference import RTOL
+from torch_reference import randomise
+from torch_reference import relative_error
+
 # DINO's checkpoints come from the deprecated `nn.utils.weight_norm` (keys weight_g/weight_v);
 # the reference uses it on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
-
-
-def _rel_err(actual, expected) -> float:
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
-
-
-def _randomise(module: nn.Module, seed: int) -> nn.Module:
-  """Random biases, BN affine parameters and running statistics (weights keep their init)."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for sub in module.modules():
-      if isinstance(sub, nn.Linear) and sub.bias is not None:
-        sub.bias.normal_(0.0, 0.1, generator=gen)
-      if isinstance(sub, nn.BatchNorm1d):
-        sub.weight.uniform_(0.5, 1.5, generator=gen)
-        sub.bias.normal_(0.0, 0.1, generator=gen)
-        sub.running_mean.normal_(0.0, 0.1, generator=gen)
-        sub.running_var.uniform_(0.5, 1.5, generator=gen)
-  return module.eval()
 
 
 def _flax(factory, torch_module: nn.Module) -> nnx.Module:
@@ -140,13 +123,13 @@ class TorchMSNHead(nn.Module):
 # --- MLP heads (MoCo-v2 `fc`, DisCo student head, VISSL `mlp`) ---------------------------
 
 def test_moco_v2_head_matches_moco_fc_sequential():
-  torch_fc = _randomise(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)), seed=0)
+  torch_fc = randomise(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)), seed=0)
   assert set(torch_fc.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
   model = _flax(lambda rngs: heads.moco_v2_head(64, 16, rngs=rngs), torch_fc)
   x = _features(4, 64, seed=1)
   expected = _torch_out(torch_fc, x)
-  assert _rel_err(_apply(model, jnp.asarray(x)), expected) <= RTOL
-  assert _rel_err(_embed(model, jnp.asarray(x)), expected) <= RTOL
+  assert relative_error(_apply(model, jnp.asarray(x)), expected) <= RTOL
+  assert relative_error(_embed(model, jnp.asarray(x)), expected) <= RTOL
 
 
 @pytest.mark.parametrize("activation,batch_norm", [("relu", False), ("gelu", True), (None, False),
@@ -161,16 +144,16 @@ def test_mlp_head_matches_torch_sequential(activation, batch_norm):
         layers.append(nn.BatchNorm1d(width_out))
       if activation:
         layers.append({"relu": nn.ReLU, "gelu": nn.GELU}[activation]())
-  torch_head = _randomise(nn.Sequential(*layers), seed=2)
+  torch_head = randomise(nn.Sequential(*layers), seed=2)
   model = _flax(lambda rngs: heads.MLPHead(dims, activation=activation, batch_norm=batch_norm,
                                            rngs=rngs), torch_head)
   x = _features(4, 48, seed=3)
-  assert _rel_err(_apply(model, jnp.asarray(x)), _torch_out(torch_head, x)) <= RTOL
+  assert relative_error(_apply(model, jnp.asarray(x)), _torch_out(torch_head, x)) <= RTOL
 
 
 def test_mlp_head_batch_norm_train_mode_uses_batch_statistics_like_torch():
-  torch_head = _randomise(nn.Sequential(nn.Linear(24, 32), nn.BatchNorm1d(32), nn.ReLU(),
-                                        nn.Linear(32, 8)), seed=4)
+  torch_head = randomise(nn.Sequential(nn.Linear(24, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                                       nn.Linear(32, 8)), seed=4)
   # Load copies: torch's train-mode forward updates its running statistics in place, and
   # the loaded JAX arrays may share memory with the torch tensors on CPU.
   model = nnx.eval_shape(lambda: heads.MLPHead((24, 32, 8), batch_norm=True, rngs=nnx.Rngs(0)))
@@ -179,7 +162,7 @@ def test_mlp_head_batch_norm_train_mode_uses_batch_statistics_like_torch():
   torch_head.train()
   model.train()
   expected = _torch_out(torch_head, x)
-  assert _rel_err(_apply(model, jnp.asarray(x)), expected) <= RTOL
+  assert relative_error(_apply(model, jnp.asarray(x)), expected) <= RTOL
   # Running means move by torch's momentum 0.1. (Running variances differ by design: torch
   # stores the unbiased batch variance, flax the biased one.)
   np.testing.assert_allclose(model_state_dict(model)["1.running_mean"],
@@ -201,8 +184,8 @@ TORCH_DINO_KW = {"hidden_dim": 64, "bottleneck_dim": 32}
 
 @pytest.mark.parametrize("norm_last_layer", [True, False])
 def test_dino_head_matches_dino(norm_last_layer):
-  torch_head = _randomise(TorchDINOHead(48, 100, norm_last_layer=norm_last_layer,
-                                        **TORCH_DINO_KW), seed=6)
+  torch_head = randomise(TorchDINOHead(48, 100, norm_last_layer=norm_last_layer,
+                                       **TORCH_DINO_KW), seed=6)
   if not norm_last_layer:  # a trained gain: not all ones
     with torch.no_grad():
       torch_head.last_layer.weight_g.uniform_(0.5, 2.0)
@@ -212,21 +195,21 @@ def test_dino_head_matches_dino(norm_last_layer):
   model = _flax(lambda rngs: heads.DINOHead(48, 100, norm_last_layer=norm_last_layer,
                                             **DINO_KW, rngs=rngs), torch_head)
   x = _features(4, 48, seed=7)
-  assert _rel_err(_apply(model, jnp.asarray(x)), _torch_out(torch_head, x)) <= RTOL
+  assert relative_error(_apply(model, jnp.asarray(x)), _torch_out(torch_head, x)) <= RTOL
   with torch.no_grad():
     bottleneck = torch_head.mlp(torch.from_numpy(x)).numpy()
-  assert _rel_err(_embed(model, jnp.asarray(x)), bottleneck) <= RTOL
+  assert relative_error(_embed(model, jnp.asarray(x)), bottleneck) <= RTOL
 
 
 @pytest.mark.parametrize("num_layers,batch_norm", [(1, False), (2, True), (4, False)])
 def test_dino_head_variants_match_dino(num_layers, batch_norm):
-  torch_head = _randomise(TorchDINOHead(48, 100, use_bn=batch_norm, nlayers=num_layers,
-                                        **TORCH_DINO_KW), seed=8)
+  torch_head = randomise(TorchDINOHead(48, 100, use_bn=batch_norm, nlayers=num_layers,
+                                       **TORCH_DINO_KW), seed=8)
   model = _flax(lambda rngs: heads.DINOHead(48, 100, num_layers=num_layers,
                                             batch_norm=batch_norm, **DINO_KW, rngs=rngs),
                 torch_head)
   x = _features(4, 48, seed=9)
-  assert _rel_err(_apply(model, jnp.asarray(x)), _torch_out(torch_head, x)) <= RTOL
+  assert relative_error(_apply(model, jnp.asarray(x)), _torch_out(torch_head, x)) <= RTOL
 
 
 def test_weight_norm_is_per_output_unit_like_torch():
@@ -293,28 +276,28 @@ def _msn_numpy(state: dict[str, np.ndarray], x: np.ndarray, temperature: float,
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_msn_head_matches_vissl_and_its_equation(label_smoothing):
-  torch_head = _randomise(TorchMSNHead(48, 100, use_bn=True, label_smoothing=label_smoothing,
-                                       temperature=0.025, **TORCH_MSN_KW), seed=11)
+  torch_head = randomise(TorchMSNHead(48, 100, use_bn=True, label_smoothing=label_smoothing,
+                                      temperature=0.025, **TORCH_MSN_KW), seed=11)
   model = _flax(lambda rngs: heads.MSNHead(48, 100, label_smoothing=label_smoothing,
                                            **MSN_KW, rngs=rngs), torch_head)
   x = _features(4, 48, seed=12)
   probs = np.asarray(_apply(model, jnp.asarray(x)))
   assert probs.shape == (4, 100)
   np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
-  assert _rel_err(probs, _torch_out(torch_head, x)) <= RTOL
+  assert relative_error(probs, _torch_out(torch_head, x)) <= RTOL
   state = {k: v.detach().numpy() for k, v in torch_head.state_dict().items()}
-  assert _rel_err(probs, _msn_numpy(state, x, 0.025, label_smoothing)) <= RTOL
+  assert relative_error(probs, _msn_numpy(state, x, 0.025, label_smoothing)) <= RTOL
   with torch.no_grad():
     projection = torch_head.fc(torch.from_numpy(x)).numpy()
-  assert _rel_err(_embed(model, jnp.asarray(x)), projection) <= RTOL
+  assert relative_error(_embed(model, jnp.asarray(x)), projection) <= RTOL
 
 
 def test_msn_head_without_batch_norm_matches_vissl():
-  torch_head = _randomise(TorchMSNHead(48, 100, temperature=0.1, **TORCH_MSN_KW), seed=13)
+  torch_head = randomise(TorchMSNHead(48, 100, temperature=0.1, **TORCH_MSN_KW), seed=13)
   model = _flax(lambda rngs: heads.MSNHead(48, 100, batch_norm=False, temperature=0.1,
                                            **MSN_KW, rngs=rngs), torch_head)
   x = _features(4, 48, seed=14)
-  assert _rel_err(_apply(model, jnp.asarray(x)), _torch_out(torch_head, x)) <= RTOL
+  assert relative_error(_apply(model, jnp.asarray(x)), _torch_out(torch_head, x)) <= RTOL
 
 
 def test_msn_head_defaults_are_robs_teacher_head():

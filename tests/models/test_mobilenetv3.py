@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -16,41 +14,13 @@ from retro_jax.convert.timm_layout import timm_backbone_kwargs
 from retro_jax.convert.timm_layout import timm_to_torchvision_keys
 from retro_jax.models import create_backbone
 
-# One jitted forward for every model: equal graph definitions share the compiled program.
-_forward = nnx.jit(lambda model, x: model(x))
-
-
-def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-  """Random BN statistics and affine parameters and conv biases (zero at torch's init)."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        module.weight.copy_(torch.empty_like(module.weight).uniform_(0.5, 1.5, generator=gen))
-        module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
-        module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=gen) * 0.1)
-        module.running_var.copy_(
-            torch.empty_like(module.running_var).uniform_(0.5, 1.5, generator=gen))
-      elif isinstance(module, torch.nn.Conv2d) and module.bias is not None:
-        module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
-  return model.eval()
-
-
-def _images(size: int, seed: int = 0) -> np.ndarray:
-  return np.random.default_rng(seed).standard_normal((2, 3, size, size), dtype=np.float32)
-
-
-def _rel_err(ours, reference) -> float:
-  return float(np.linalg.norm(np.asarray(ours) - np.asarray(reference))
-               / np.linalg.norm(np.asarray(reference)))
-
-
-def _num_params(model: nnx.Module) -> int:
-  return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def _backbone_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-  return {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+from torch_reference import assert_feature_parity
+from torch_reference import backbone_state
+from torch_reference import nchw
+from torch_reference import num_params
+from torch_reference import random_images
+from torch_reference import randomise
+from torch_reference import relative_error
 
 
 def _abstract(name: str, **kwargs) -> nnx.Module:
@@ -66,39 +36,28 @@ def _build(name: str, state: dict[str, torch.Tensor], **kwargs) -> nnx.Module:
   return model
 
 
-def _assert_parity(model: nnx.Module, features, images: np.ndarray) -> jax.Array:
-  """feature_map and pooled equal torch's `features(x)` and its mean; returns pooled."""
-  with torch.no_grad():
-    ref_map = features(torch.from_numpy(images)).numpy().transpose(0, 2, 3, 1)
-  out = _forward(model, jnp.asarray(images.transpose(0, 2, 3, 1)))
-  assert out.feature_map.shape == ref_map.shape
-  assert _rel_err(out.feature_map, ref_map) <= 1e-5
-  assert _rel_err(out.pooled, ref_map.mean(axis=(1, 2))) <= 1e-5
-  return out.pooled
-
-
 @pytest.mark.parametrize("name, width, size", [("mobilenet_v3_large", 960, 224),
                                                ("mobilenet_v3_small", 576, 64)])
 def test_matches_torchvision(name, width, size):
   torch.manual_seed(0)
-  reference = _randomise(getattr(torchvision.models, name)(), seed=1)
-  model = _build(name, _backbone_state(reference))
+  reference = randomise(getattr(torchvision.models, name)(), seed=1)
+  model = _build(name, backbone_state(reference))
   assert model.feature_width == reference.classifier[0].in_features == width
-  assert _num_params(model) == sum(p.numel() for k, p in reference.named_parameters()
+  assert num_params(model) == sum(p.numel() for k, p in reference.named_parameters()
                                    if not k.startswith("classifier."))
-  _assert_parity(model, reference.features, _images(size))
+  assert_feature_parity(model, reference.features, random_images(size))
 
 
 def test_large_matches_timm_and_timm_head_sits_after_our_pool():
   torch.manual_seed(2)
-  reference = _randomise(timm.create_model("mobilenetv3_large_100", pretrained=False), seed=3)
+  reference = randomise(timm.create_model("mobilenetv3_large_100", pretrained=False), seed=3)
   renamed = timm_to_torchvision_keys("mobilenetv3_large_100", reference.state_dict())
   assert sorted(renamed.head) == ["classifier.bias", "classifier.weight", "conv_head.bias",
                                   "conv_head.weight"]
   model = _build("mobilenet_v3_large", renamed.backbone,
                  **timm_backbone_kwargs("mobilenetv3_large_100"))
-  images = _images(64, seed=1)
-  pooled = _assert_parity(model, reference.forward_features, images)
+  images = random_images(64, seed=1)
+  pooled = assert_feature_parity(model, reference.forward_features, images)
   # timm's conv_head is a Linear on our pooled feature (torchvision's classifier.0): the
   # full timm forward is head(pooled).
   with torch.no_grad():
@@ -106,7 +65,7 @@ def test_large_matches_timm_and_timm_head_sits_after_our_pool():
                                         reference.conv_head.weight.flatten(1),
                                         reference.conv_head.bias)
     logits = reference.classifier(torch.nn.functional.hardswish(hidden))
-    assert _rel_err(logits, reference(torch.from_numpy(images))) <= 1e-5
+    assert relative_error(logits, reference(nchw(images))) <= 1e-5
 
 
 def test_timm_small_keys_and_shapes_equal_torchvision():
@@ -114,7 +73,7 @@ def test_timm_small_keys_and_shapes_equal_torchvision():
   renamed = timm_to_torchvision_keys("mobilenetv3_small_100", timm_state)
   assert sorted(renamed.head) == ["classifier.bias", "classifier.weight", "conv_head.bias",
                                   "conv_head.weight"]
-  ours = _backbone_state(torchvision.models.mobilenet_v3_small())
+  ours = backbone_state(torchvision.models.mobilenet_v3_small())
   assert {k: tuple(v.shape) for k, v in renamed.backbone.items()} == {
       k: tuple(v.shape) for k, v in ours.items()}
 

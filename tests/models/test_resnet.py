@@ -25,7 +25,12 @@ from retro_jax.convert.state_dict import load_state_dict
 from retro_jax.models import create_backbone
 from retro_jax.models import resnet
 
-RTOL = 1e-5
+from torch_reference import RTOL
+from torch_reference import nchw
+from torch_reference import random_images
+from torch_reference import randomise
+from torch_reference import relative_error
+
 DEPTHS = {"resnet18": (resnet.BasicBlock, (2, 2, 2, 2)),
           "resnet34": (resnet.BasicBlock, (3, 4, 6, 3)),
           "resnet50": (resnet.Bottleneck, (3, 4, 6, 3)),
@@ -68,19 +73,6 @@ def _torch_backbone(name: str, *, low_res_stem: bool = False, in_channels: int =
   return model
 
 
-def _randomise(model: nn.Module, seed: int) -> nn.Module:
-  """Random conv weights (kept from init), BN affine parameters and running statistics."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, nn.BatchNorm2d):
-        module.weight.uniform_(0.5, 1.5, generator=gen)
-        module.bias.normal_(0.0, 0.1, generator=gen)
-        module.running_mean.normal_(0.0, 0.1, generator=gen)
-        module.running_var.uniform_(0.5, 1.5, generator=gen)
-  return model.eval()
-
-
 def _flax_from_torch(name: str, torch_model: nn.Module, **kwargs) -> resnet.ResNet:
   model = nnx.eval_shape(lambda: create_backbone(name, rngs=nnx.Rngs(0), **kwargs))
   load_state_dict(model, torch_model.state_dict())
@@ -94,7 +86,7 @@ def _torch_forward(model: nn.Module, images_nhwc: np.ndarray) -> tuple[np.ndarra
   hook = model.layer4.register_forward_hook(lambda m, i, out: caught.update(map=out))
   try:
     with torch.no_grad():
-      pooled = model(torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2)))
+      pooled = model(nchw(images_nhwc))
   finally:
     hook.remove()
   return caught["map"].numpy().transpose(0, 2, 3, 1), pooled.numpy()
@@ -105,19 +97,10 @@ def _flax_forward(model: resnet.ResNet, images: jax.Array):
   return model(images)
 
 
-def _images(size: int, channels: int = 3, seed: int = 0) -> np.ndarray:
-  return np.random.default_rng(seed).normal(size=(2, size, size, channels)).astype(np.float32)
-
-
-def _rel_err(actual, expected) -> float:
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
-
-
 @functools.cache
 def _pair(name: str, low_res_stem: bool = False, in_channels: int = 3):
   """(torch model, flax model) with the same random weights; cached for the module."""
-  torch_model = _randomise(
+  torch_model = randomise(
       _torch_backbone(name, low_res_stem=low_res_stem, in_channels=in_channels), seed=0)
   kwargs = {"low_res_stem": True, "in_channels": in_channels} if low_res_stem else {}
   return torch_model, _flax_from_torch(name, torch_model, **kwargs)
@@ -131,23 +114,23 @@ def _pair(name: str, low_res_stem: bool = False, in_channels: int = 3):
 ])
 def test_matches_torchvision(name, size, map_size):
   torch_model, model = _pair(name)
-  images = _images(size)
+  images = random_images(size)
   expected_map, expected_pooled = _torch_forward(torch_model, images)
   out = _flax_forward(model, jnp.asarray(images))
   assert out.feature_map.shape == (2, map_size, map_size, model.feature_width)
   assert out.pooled.shape == (2, model.feature_width)
-  assert _rel_err(out.feature_map, expected_map) <= RTOL
-  assert _rel_err(out.pooled, expected_pooled) <= RTOL
+  assert relative_error(out.feature_map, expected_map) <= RTOL
+  assert relative_error(out.pooled, expected_pooled) <= RTOL
 
 
 def test_low_res_stem_matches_torch_cifar_stem_on_one_channel():
   torch_model, model = _pair("resnet18", low_res_stem=True, in_channels=1)
-  images = _images(28, channels=1)
+  images = random_images(28, channels=1)
   expected_map, expected_pooled = _torch_forward(torch_model, images)
   out = _flax_forward(model, jnp.asarray(images))
   assert out.feature_map.shape == (2, 4, 4, 512)
-  assert _rel_err(out.feature_map, expected_map) <= RTOL
-  assert _rel_err(out.pooled, expected_pooled) <= RTOL
+  assert relative_error(out.feature_map, expected_map) <= RTOL
+  assert relative_error(out.pooled, expected_pooled) <= RTOL
 
 
 def test_low_res_stem_keeps_a_4x4_map_at_32px():
@@ -191,7 +174,7 @@ def test_registry_builds_the_architecture_with_torch_parameter_count(name):
 def test_train_mode_uses_and_updates_batch_statistics_like_torch():
   torch_model, model = _pair("resnet18", low_res_stem=True, in_channels=1)
   torch_model, model = copy.deepcopy(torch_model), nnx.clone(model)
-  images = _images(28, channels=1, seed=1)
+  images = random_images(28, channels=1, seed=1)
   before = np.asarray(model.layer2[0].bn1.mean.get_value())
 
   torch_model.train()
@@ -202,7 +185,7 @@ def test_train_mode_uses_and_updates_batch_statistics_like_torch():
   # E[x^2] - E[x]^2, hence a looser bound), and the running mean moved like torch's (momentum
   # 0.1). Not compared: torch's running_var takes the unbiased batch variance, flax's the
   # biased one (0.3% apart on the 4x4 maps of layer4 here).
-  assert _rel_err(out.feature_map, expected_map) <= 2e-5
+  assert relative_error(out.feature_map, expected_map) <= 2e-5
   after = np.asarray(model.layer2[0].bn1.mean.get_value())
   assert np.abs(after - before).max() > 1e-3
   np.testing.assert_allclose(after, torch_model.layer2[0].bn1.running_mean.numpy(),
@@ -213,7 +196,7 @@ def test_train_mode_uses_and_updates_batch_statistics_like_torch():
   second = _flax_forward(model, jnp.asarray(images))
   np.testing.assert_array_equal(model.layer2[0].bn1.mean.get_value(), after)
   np.testing.assert_array_equal(first.pooled, second.pooled)
-  assert _rel_err(first.feature_map, out.feature_map) > 1e-2
+  assert relative_error(first.feature_map, out.feature_map) > 1e-2
 
 
 def test_initialisation_follows_torchvision():
@@ -241,8 +224,8 @@ def test_bfloat16_compute_stays_close_to_float32():
   torch_model, reference = _pair("resnet18", low_res_stem=True, in_channels=1)
   model = _flax_from_torch("resnet18", torch_model, low_res_stem=True, in_channels=1,
                            dtype=jnp.bfloat16)
-  images = jnp.asarray(_images(28, channels=1))
+  images = jnp.asarray(random_images(28, channels=1))
   out, expected = _flax_forward(model, images), _flax_forward(reference, images)
   assert out.pooled.dtype == jnp.bfloat16
   assert model.layer1[0].conv1.kernel.get_value().dtype == jnp.float32
-  assert _rel_err(out.pooled, expected.pooled) < 3e-2
+  assert relative_error(out.pooled, expected.pooled) < 3e-2

@@ -25,15 +25,14 @@ from retro_jax.models import backbone_names
 from retro_jax.models import create_backbone
 from retro_jax.models import vit
 
-RTOL = 1e-5
+from torch_reference import RTOL
+from torch_reference import nchw
+from torch_reference import random_images
+from torch_reference import relative_error
+
 TIMM_NAMES = {"vit_tiny_patch16": "vit_tiny_patch16_224",
               "vit_small_patch16": "vit_small_patch16_224",
               "vit_base_patch16": "vit_base_patch16_224"}
-
-
-def _rel_err(actual, expected) -> float:
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
 def _timm_vit(name: str = "vit_small_patch16_224", **kwargs) -> torch.nn.Module:
@@ -41,6 +40,10 @@ def _timm_vit(name: str = "vit_small_patch16_224", **kwargs) -> torch.nn.Module:
 
 
 def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+  """LayerNorm scales ~ U(0.5, 1.5), every other 1-D parameter ~ N(0, 0.1^2), tokens ~ N(0, 0.5^2).
+
+  A ViT has no batch norm: this, not `torch_reference.randomise`, is its randomisation.
+  """
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, param in model.named_parameters():
@@ -116,22 +119,18 @@ def _forward(model, images):
   return model(images)
 
 
-def _images(size: int, seed: int) -> np.ndarray:
-  return np.random.RandomState(seed).randn(2, size, size, 3).astype(np.float32)
-
-
 def _torch_tokens(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
   with torch.no_grad():
-    return model.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    return model.forward_features(nchw(images)).numpy()
 
 
 def test_matches_timm_at_224(timm_vit_small, flax_vit_small):
-  images = _images(224, seed=1)
+  images = random_images(224, seed=1)
   expected = _torch_tokens(timm_vit_small, images)
   out = _forward(flax_vit_small, jnp.asarray(images))
   assert out.feature_map.shape == (2, 197, 384)
-  assert _rel_err(out.feature_map, expected) <= RTOL
-  assert _rel_err(out.pooled, expected[:, 0]) <= RTOL
+  assert relative_error(out.feature_map, expected) <= RTOL
+  assert relative_error(out.pooled, expected[:, 0]) <= RTOL
 
 
 def test_matches_timm_at_96_with_its_resampled_pos_embed(timm_vit_small, flax_vit_small):
@@ -142,12 +141,12 @@ def test_matches_timm_at_96_with_its_resampled_pos_embed(timm_vit_small, flax_vi
                                               antialias=False)
   reference = _timm_vit(img_size=96).eval()
   reference.load_state_dict(state)
-  images = _images(96, seed=2)
+  images = random_images(96, seed=2)
   expected = _torch_tokens(reference, images)
   out = _forward(flax_vit_small, jnp.asarray(images))
   assert out.feature_map.shape == (2, 37, 384)
-  assert _rel_err(out.feature_map, expected) <= RTOL
-  assert _rel_err(out.pooled, expected[:, 0]) <= RTOL
+  assert relative_error(out.feature_map, expected) <= RTOL
+  assert relative_error(out.pooled, expected[:, 0]) <= RTOL
 
 
 def test_dino_offset_matches_dino_in_a_small_timm_vit(timm_vit_tiny_config):
@@ -160,7 +159,7 @@ def test_dino_offset_matches_dino_in_a_small_timm_vit(timm_vit_tiny_config):
   resized.load_state_dict(state)
   images = np.random.RandomState(3).randn(2, 48, 80, 3).astype(np.float32)
   out = _forward(model, jnp.asarray(images))
-  assert _rel_err(out.feature_map, _torch_tokens(resized, images)) <= RTOL
+  assert relative_error(out.feature_map, _torch_tokens(resized, images)) <= RTOL
 
 
 @pytest.mark.parametrize("grid", [(6, 6), (7, 7), (4, 9), (14, 10), (20, 20)])
@@ -170,7 +169,7 @@ def test_resample_matches_timm_without_antialias(grid):
   actual = vit.resample_pos_embed(jnp.asarray(pos_embed.numpy()), grid, (14, 14))
   assert actual.shape == (1, 1 + grid[0] * grid[1], 8)
   np.testing.assert_array_equal(actual[:, 0], pos_embed[:, 0].numpy())
-  assert _rel_err(actual, expected.numpy()) <= RTOL
+  assert relative_error(actual, expected.numpy()) <= RTOL
 
 
 @pytest.mark.parametrize("image_size", [(96, 96), (112, 112), (64, 160)])
@@ -179,7 +178,7 @@ def test_resample_with_offset_matches_dino(image_size):
   expected = _dino_interpolate_pos_encoding(pos_embed, *image_size)
   grid = (image_size[0] // 16, image_size[1] // 16)
   actual = vit.resample_pos_embed(jnp.asarray(pos_embed.numpy()), grid, (14, 14), offset=0.1)
-  assert _rel_err(actual, expected.numpy()) <= RTOL
+  assert relative_error(actual, expected.numpy()) <= RTOL
 
 
 def test_native_grid_is_not_resampled():
@@ -245,7 +244,7 @@ def test_bfloat16_compute_stays_close_to_float32(timm_vit_tiny_config):
   low = _small_vit(timm_vit_tiny_config, dtype=jnp.bfloat16)
   model.eval()
   low.eval()
-  images = jnp.asarray(_images(64, seed=8))
+  images = jnp.asarray(random_images(64, seed=8))
   out, out_low = _forward(model, images), _forward(low, images)
   assert out_low.feature_map.dtype == jnp.bfloat16
-  assert _rel_err(out_low.feature_map.astype(jnp.float32), out.feature_map) < 3e-2
+  assert relative_error(out_low.feature_map.astype(jnp.float32), out.feature_map) < 3e-2
