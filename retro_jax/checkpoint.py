@@ -10,6 +10,11 @@ an exported student) holds
 
 `load_model` rebuilds the module from the spec and restores the weights into it, so a model
 directory needs no pickled code and loads with one call.
+
+A training run keeps its own checkpoints (`TrainCheckpoints`): WORKDIR/checkpoints/STEP/ holds
+the whole training state (a pytree of arrays: student, adapter, EMA, optimiser, queue, step,
+RNG) and a JSON record (data position, teacher file and SHA-256, config hash) that is read
+back before any array so a resume can refuse a changed teacher before spending compute.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import pathlib
 from typing import Any
 
+import jax
 from flax import nnx
 import orbax.checkpoint as ocp
 
@@ -103,3 +109,99 @@ def load_model(directory: str | pathlib.Path) -> tuple[Encoder, dict[str, Any]]:
   materialize_rng_state(model)
   model.eval()
   return model, document
+
+
+class TrainCheckpointError(RuntimeError):
+  """A training checkpoint cannot be written or read back."""
+
+
+class TrainCheckpoints:
+  """The checkpoints of one training run, in `WORKDIR/checkpoints`, by Orbax's manager.
+
+  Saves are asynchronous (training goes on while the arrays are written) and atomic (a step
+  directory appears only once complete), so a run killed mid-save resumes from the previous
+  checkpoint. Every `every_steps` steps and the final step are kept until `keep` newer ones
+  exist. Use it as a context manager, or call `close()`: pending writes finish before exit.
+  """
+
+  STATE, RECORD = "state", "record"
+
+  def __init__(self, workdir: str | pathlib.Path, *, every_steps: int, keep: int = 2,
+               async_save: bool = True):
+    if every_steps <= 0 or keep <= 0:
+      raise ValueError(f"every_steps and keep must be positive, got {every_steps} and {keep}")
+    self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    self.every_steps = every_steps
+    # The step grid is decided here (Orbax would also save the first step of a run).
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=1, max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step, or None for a fresh run."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, record: dict[str, Any], *, force: bool = False) -> bool:
+    """Starts writing `state` (arrays only) and `record` (JSON-ready) as checkpoint `step`.
+
+    Returns whether a save was started: steps off the `every_steps` grid are skipped unless
+    `force` (the final step is saved with force=True).
+    """
+    keys = [leaf for leaf in jax.tree.leaves(state)
+            if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype,
+                                                                     jax.dtypes.prng_key)]
+    if keys:
+      raise TrainCheckpointError("typed PRNG keys cannot be checkpointed; store "
+                                 "jax.random.key_data(key) in the state instead")
+    if step % self.every_steps and not force:
+      return False
+    if step in self.all_steps():
+      return False  # E.g. the final step fell on the grid and is saved already.
+    args = ocp.args.Composite(**{self.STATE: ocp.args.StandardSave(state),
+                                 self.RECORD: ocp.args.JsonSave(record)})
+    return self._manager.save(step, args=args, force=True)
+
+  def read_record(self, step: int | None = None) -> dict[str, Any]:
+    """The JSON record of checkpoint `step` (default: the latest), without reading arrays."""
+    step = self._step(step)
+    args = ocp.args.Composite(**{self.RECORD: ocp.args.JsonRestore()})
+    return dict(self._manager.restore(step, args=args)[self.RECORD])
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Checkpoint `step` (default: the latest) read into the shapes, dtypes and shardings of
+    `abstract_state` (a pytree of jax.ShapeDtypeStruct, e.g. from jax.eval_shape, or arrays)."""
+    step = self._step(step)
+    args = ocp.args.Composite(**{self.STATE: ocp.args.StandardRestore(abstract_state),
+                                 self.RECORD: ocp.args.JsonRestore()})
+    try:
+      restored = self._manager.restore(step, args=args)
+    except (ValueError, KeyError) as error:
+      raise TrainCheckpointError(
+          f"checkpoint {self.directory / str(step)} does not match this run's state (was the "
+          f"config changed since it was written?): {error}") from None
+    return restored[self.STATE], dict(restored[self.RECORD])
+
+  def _step(self, step: int | None) -> int:
+    step = self.latest_step() if step is None else step
+    if step is None or step not in self.all_steps():
+      raise TrainCheckpointError(f"no checkpoint {'' if step is None else step} in "
+                                 f"{self.directory}; have {self.all_steps()}")
+    return step
+
+  def wait(self) -> None:
+    """Blocks until every started save is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> TrainCheckpoints:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()

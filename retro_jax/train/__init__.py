@@ -1,0 +1,1 @@
+"""Training: state, step construction, sharding, optimisers and schedules, checkpoints, loop."""

@@ -1,0 +1,89 @@
+"""Training checkpoints: sharded round trip, retention, records, and the errors of a resume."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from retro_jax.checkpoint import TrainCheckpointError
+from retro_jax.checkpoint import TrainCheckpoints
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def make_state(mesh, step: int):
+  """A state like the engine's: replicated parameters, a sharded queue, raw key data."""
+  rng = np.random.default_rng(step)
+  replicated, by_row = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  return {
+      "step": jax.device_put(np.int32(step), replicated),
+      "params": {"w": jax.device_put(rng.standard_normal((3, 5), np.float32), replicated),
+                 "b": jax.device_put(rng.standard_normal((5,), np.float32), replicated)},
+      "queue": jax.device_put(rng.standard_normal((16, 4), np.float32), by_row),
+      "rng": jax.device_put(jax.random.key_data(jax.random.key(step)), replicated),
+  }
+
+
+def test_round_trip_keeps_values_and_shardings(mesh, workdir):
+  state = make_state(mesh, 3)
+  with TrainCheckpoints(workdir, every_steps=1) as checkpoints:
+    assert checkpoints.latest_step() is None
+    assert checkpoints.save(3, state, {"data": {"epoch": 0, "step": 3}, "teacher": "t"})
+  with TrainCheckpoints(workdir, every_steps=1) as checkpoints:
+    assert checkpoints.latest_step() == 3
+    assert checkpoints.read_record() == {"data": {"epoch": 0, "step": 3}, "teacher": "t"}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=x.sharding), state)
+    restored, record = checkpoints.restore(abstract)
+  assert record["data"]["step"] == 3
+  for name, (got, want) in zip(["b", "w", "queue", "rng", "step"],
+                               zip(jax.tree.leaves(restored), jax.tree.leaves(state))):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+    assert got.sharding.is_equivalent_to(want.sharding, got.ndim), name
+
+
+def test_interval_and_retention(mesh, workdir):
+  with TrainCheckpoints(workdir, every_steps=2, keep=2) as checkpoints:
+    started = [checkpoints.save(step, make_state(mesh, step), {"step": step})
+               for step in range(1, 8)]
+    assert started == [False, True, False, True, False, True, False]
+    checkpoints.save(7, make_state(mesh, 7), {"step": 7}, force=True)  # The final step.
+    checkpoints.wait()
+    assert checkpoints.all_steps() == [6, 7]
+    assert checkpoints.read_record(6) == {"step": 6}
+
+
+def test_missing_step_and_changed_state_are_clear_errors(mesh, workdir):
+  with TrainCheckpoints(workdir, every_steps=1) as checkpoints:
+    with pytest.raises(TrainCheckpointError, match="no checkpoint"):
+      checkpoints.read_record()
+    checkpoints.save(1, make_state(mesh, 1), {})
+    checkpoints.wait()
+    with pytest.raises(TrainCheckpointError, match="no checkpoint 5 .*have \\[1\\]"):
+      checkpoints.restore(make_state(mesh, 1), step=5)
+    other = make_state(mesh, 1)
+    other["params"]["extra"] = jnp.zeros(2)
+    with pytest.raises(TrainCheckpointError, match="does not match this run's state"):
+      checkpoints.restore(other)
+
+
+def test_typed_keys_are_refused_before_writing(mesh, workdir):
+  state = make_state(mesh, 1)
+  state["rng"] = jax.random.key(0)
+  with TrainCheckpoints(workdir, every_steps=1) as checkpoints:
+    with pytest.raises(TrainCheckpointError, match="key_data"):
+      checkpoints.save(1, state, {})
+    assert checkpoints.all_steps() == []
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="positive"):
+    TrainCheckpoints("/tmp/unused", every_steps=0)
