@@ -111,6 +111,29 @@ def load_model(directory: str | pathlib.Path) -> tuple[Encoder, dict[str, Any]]:
   return model, document
 
 
+def _is_key(leaf: Any) -> bool:
+  return (isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct))
+          and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key))
+
+
+def _keys_as_data(tree: Any) -> Any:
+  """Typed PRNG keys (NNX's RNG streams, the run key) as their raw uint32 data for Orbax."""
+  def convert(leaf):
+    if not _is_key(leaf):
+      return leaf
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      data = jax.eval_shape(jax.random.key_data, leaf)
+      return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=leaf.sharding)
+    return jax.random.key_data(leaf)
+  return jax.tree.map(convert, tree)
+
+
+def _restore_key(target: Any, restored: Any) -> Any:
+  if not _is_key(target):
+    return restored
+  return jax.random.wrap_key_data(restored, impl=target.dtype._impl)  # pylint: disable=protected-access
+
+
 class TrainCheckpointError(RuntimeError):
   """A training checkpoint cannot be written or read back."""
 
@@ -151,17 +174,11 @@ class TrainCheckpoints:
     Returns whether a save was started: steps off the `every_steps` grid are skipped unless
     `force` (the final step is saved with force=True).
     """
-    keys = [leaf for leaf in jax.tree.leaves(state)
-            if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype,
-                                                                     jax.dtypes.prng_key)]
-    if keys:
-      raise TrainCheckpointError("typed PRNG keys cannot be checkpointed; store "
-                                 "jax.random.key_data(key) in the state instead")
     if step % self.every_steps and not force:
       return False
     if step in self.all_steps():
       return False  # E.g. the final step fell on the grid and is saved already.
-    args = ocp.args.Composite(**{self.STATE: ocp.args.StandardSave(state),
+    args = ocp.args.Composite(**{self.STATE: ocp.args.StandardSave(_keys_as_data(state)),
                                  self.RECORD: ocp.args.JsonSave(record)})
     return self._manager.save(step, args=args, force=True)
 
@@ -175,15 +192,17 @@ class TrainCheckpoints:
     """Checkpoint `step` (default: the latest) read into the shapes, dtypes and shardings of
     `abstract_state` (a pytree of jax.ShapeDtypeStruct, e.g. from jax.eval_shape, or arrays)."""
     step = self._step(step)
-    args = ocp.args.Composite(**{self.STATE: ocp.args.StandardRestore(abstract_state),
-                                 self.RECORD: ocp.args.JsonRestore()})
+    args = ocp.args.Composite(**{
+        self.STATE: ocp.args.StandardRestore(_keys_as_data(abstract_state)),
+        self.RECORD: ocp.args.JsonRestore()})
     try:
       restored = self._manager.restore(step, args=args)
     except (ValueError, KeyError) as error:
       raise TrainCheckpointError(
           f"checkpoint {self.directory / str(step)} does not match this run's state (was the "
           f"config changed since it was written?): {error}") from None
-    return restored[self.STATE], dict(restored[self.RECORD])
+    state = jax.tree.map(_restore_key, abstract_state, restored[self.STATE])
+    return state, dict(restored[self.RECORD])
 
   def _step(self, step: int | None) -> int:
     step = self.latest_step() if step is None else step

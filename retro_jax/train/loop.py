@@ -1,0 +1,206 @@
+"""The training run, top to bottom: devices, teacher, data, model, state, resume, steps, save.
+
+`train(config, workdir)` is what `python -m retro_jax.main` calls. Every check that can fail
+on a user's input (batch sizes, queue length, teacher file, data) runs before anything is
+compiled; a run restarted with the same command continues from its last checkpoint as if it
+had never stopped (the data pipeline is addressed by step, the random key by step too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+from retro_jax import checkpoint
+from retro_jax.data import pipeline as pipeline_lib
+from retro_jax.data import sources
+from retro_jax.data.presets import Augmentation
+from retro_jax.models.encoder import Encoder
+from retro_jax.models.encoder import EncoderSpec
+from retro_jax.models.encoder import build_encoder
+from retro_jax.objectives import contrastive
+from retro_jax.objectives import disco
+from retro_jax.objectives import mocov2
+from retro_jax.objectives import retro
+from retro_jax.train import mesh as mesh_lib
+from retro_jax.train import optim
+from retro_jax.train import step as step_lib
+from retro_jax.train.contrastive_methods import ContrastiveMethod
+from retro_jax.train.progress import Progress
+
+log = logging.getLogger(__name__)
+
+OBJECTIVE_CONFIGS = {"mocov2": mocov2.Config, "disco": disco.Config, "retro": retro.Config}
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work, found before any compute is spent."""
+
+
+def objective_config(config: ml_collections.ConfigDict):
+  """The objective's frozen Config from `config.objective`, unknown keys refused."""
+  cls = OBJECTIVE_CONFIGS.get(config.method)
+  if cls is None:
+    raise ConfigError(f"method: unknown {config.method!r}; expected one of "
+                      f"{sorted(OBJECTIVE_CONFIGS)}")
+  given = dict(config.objective)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(given) - known)
+  if unknown:
+    raise ConfigError(f"objective: {unknown} are not options of {config.method}; expected "
+                      f"some of {sorted(known)}")
+  try:
+    return cls(**given)
+  except ValueError as error:
+    raise ConfigError(f"objective: {error}") from None
+
+
+def load_teacher(config: ml_collections.ConfigDict) -> tuple[Encoder | None, dict[str, Any]]:
+  """The frozen teacher (eval mode) and what identifies it (recorded in checkpoints)."""
+  teacher_config = config.teacher
+  if config.method == "mocov2":
+    return None, {}
+  if teacher_config.checkpoint:
+    teacher, description = checkpoint.load_model(teacher_config.checkpoint)
+    source = description.get("source", {})
+    identity = {"checkpoint": str(pathlib.Path(teacher_config.checkpoint).absolute()),
+                "sha256": source.get("sha256") if isinstance(source, dict) else None,
+                "architecture": description["encoder"]["architecture"]}
+  elif teacher_config.random_spec:
+    # Tests and smoke runs only: a randomly initialised teacher, loudly labelled.
+    spec = EncoderSpec.from_json(teacher_config.random_spec.to_dict())
+    teacher = build_encoder(spec, rngs=nnx.Rngs(config.seed + 1))
+    identity = {"random": spec.to_json(), "seed": config.seed + 1}
+    log.warning("teacher: RANDOMLY INITIALISED %s (teacher.random_spec); for smoke tests only",
+                spec.architecture)
+  else:
+    raise ConfigError(f"{config.method} needs a teacher: set teacher.checkpoint to a model "
+                      "directory made by `python -m retro_jax convert`")
+  teacher.eval()
+  return teacher, identity
+
+
+def build_method(config: ml_collections.ConfigDict) -> ContrastiveMethod:
+  student = config.student
+  return ContrastiveMethod(config.method, objective_config(config), student.name,
+                           student.kwargs.to_dict(), head_hidden=student.get("head_hidden"),
+                           adapter=student.get("adapter", "inverted_residual"))
+
+
+def _steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  if config.get("total_steps"):
+    return int(config.total_steps)
+  return int(round(config.epochs * steps_per_epoch))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Runs (or resumes) the training the config describes; returns the final metrics."""
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+
+  # Devices and batch layout.
+  mesh = mesh_lib.make_mesh()
+  global_batch = config.global_batch_size
+  mesh_lib.check_global_batch(global_batch, mesh)
+  method = build_method(config)
+  contrastive.check_queue_size(method.objective.queue_size, global_batch)
+
+  # Teacher, data.
+  teacher, teacher_identity = load_teacher(config)
+  augmentation = Augmentation.from_config(config.data.augmentation)
+  source = sources.open_source(config.data.dataset, config.data.get("split"),
+                               config.data.get("data_dir") or None)
+  if source.num_examples < global_batch:
+    raise ConfigError(f"data: {source} has {source.num_examples} examples, fewer than one "
+                      f"global batch of {global_batch}")
+  steps_per_epoch = source.num_examples // global_batch
+  total_steps = _steps(config, steps_per_epoch)
+
+  # Model, optimiser, state.
+  model = method.build(teacher, rngs=nnx.Rngs(config.seed))
+  model.train()
+  tx, schedules = optim.build_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch,
+                                        total_steps=total_steps,
+                                        global_batch_size=global_batch)
+  trainable = method.trainable_filter()
+  graphdef, state = step_lib.init_state(model, trainable, tx,
+                                        method.init_state(jax.random.key(config.seed + 2)),
+                                        config.seed)
+  replicated = mesh_lib.replicated(mesh)
+  state = jax.device_put(state, replicated)
+  teacher_graphdef, teacher_state = (None, None) if teacher is None else nnx.split(teacher)
+  teacher_state = jax.device_put(teacher_state, replicated)
+  print(f"parameters: trainable {step_lib.count_parameters(state.trainable):,}, other "
+        f"student state {step_lib.count_parameters(state.rest):,}, teacher (frozen) "
+        f"{0 if teacher is None else step_lib.count_parameters(teacher_state):,}", flush=True)
+
+  checkpoints = checkpoint.TrainCheckpoints(workdir, every_steps=config.checkpoint_every_steps,
+                                            keep=config.keep_checkpoints)
+  start_step = 0
+  if checkpoints.latest_step() is not None:
+    record = checkpoints.read_record()
+    if record.get("teacher") != teacher_identity:
+      raise ConfigError(f"the checkpoint in {checkpoints.directory} was trained with teacher "
+                        f"{record.get('teacher')}, this run has {teacher_identity}; use a new "
+                        "workdir or the original teacher")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=x.sharding), state)
+    state, record = checkpoints.restore(abstract)
+    start_step = int(record["step"])
+    print(f"resuming from step {start_step} ({checkpoints.directory})", flush=True)
+
+  batches = pipeline_lib.make_pipeline(
+      source, augmentation.host_views, global_batch_size=global_batch, seed=config.seed,
+      sharding=mesh_lib.batch_sharding(mesh), start_step=start_step,
+      process_invariant=config.data.get("process_invariant", False),
+      shuffle_buffer=config.data.get("shuffle_buffer", pipeline_lib.DEFAULT_SHUFFLE_BUFFER))
+
+  step_fn = step_lib.jit_train_step(
+      step_lib.make_train_step(method, graphdef, teacher_graphdef, trainable, tx,
+                               augmentation.device_views),
+      replicated, replicated, mesh_lib.batch_sharding(mesh))
+
+  progress = Progress(workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                      global_batch=global_batch, every=config.log_every_steps,
+                      schedules=schedules)
+  metrics: dict[str, Any] = {}
+  try:
+    for step in range(start_step, total_steps):
+      batch = next(batches)
+      started = time.perf_counter()
+      state, metrics = step_fn(state, teacher_state, batch)
+      if step == start_step:
+        jax.block_until_ready(metrics)
+        print(f"first step (compile + run): {time.perf_counter() - started:.1f} s", flush=True)
+      progress.update(step + 1, metrics, skipped=batches.skipped_count)
+      record = {"step": step + 1, "teacher": teacher_identity,
+                "data": {"epoch": (step + 1) // steps_per_epoch, "skipped": batches.skipped}}
+      checkpoints.save(step + 1, state, record, force=step + 1 == total_steps)
+  finally:
+    checkpoints.close()
+    progress.close()
+
+  _save_student(workdir, method, graphdef, state, config)
+  return {k: float(v) for k, v in metrics.items()}
+
+
+def _save_student(workdir: pathlib.Path, method: ContrastiveMethod, graphdef, state,
+                  config: ml_collections.ConfigDict) -> None:
+  """The trained backbone as a model directory (what `embed` and fine-tuning load)."""
+  model = nnx.merge(graphdef, state.trainable, state.rest)
+  backbone = method.export_backbone(model)
+  spec = EncoderSpec(config.student.name, config.student.kwargs.to_dict())
+  out = workdir / "student"
+  checkpoint.save_model(out, Encoder(backbone), spec,
+                        {"source": {"format": "retro_jax.train", "method": config.method,
+                                    "workdir": str(workdir), "step": int(state.step)},
+                         "input": config.input.to_dict()}, overwrite=True)
+  print(f"student backbone: {out}", flush=True)
