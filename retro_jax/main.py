@@ -23,10 +23,11 @@ USAGE = ("usage: {prog} --config configs/NAME.py[:VARIANT] --workdir DIR "
          "[--config.KEY=VALUE ...]")
 
 
-def _flag_values() -> flags.FlagValues:
+def _flag_values(argv: list[str]) -> flags.FlagValues:
+  """Our flags; `argv` (program name first) is where config_flags finds the overrides."""
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "the config file (and :variant)",
-                                  flag_values=values, lock_config=True)
+                                  flag_values=values, lock_config=True, sys_argv=argv)
   flags.DEFINE_string("workdir", None, "where checkpoints, logs and the student go",
                       flag_values=values)
   return values
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.main") 
     print(USAGE.format(prog=prog) + "\n\n" + __doc__.split("\n\n", 1)[1],
           file=sys.stdout if argv else sys.stderr)
     return 0 if argv else 2
-  values = _flag_values()
+  values = _flag_values([prog] + argv)
   try:
     values([prog] + argv)
   except (flags.Error, FileNotFoundError, AttributeError, TypeError, ValueError) as error:

@@ -130,3 +130,13 @@ def fashion_mnist_dir() -> pathlib.Path:
         "when run as root) or point RETRO_JAX_FASHION_MNIST_DIR at a folder holding them.",
         pytrace=False)
   return FASHION_MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_tfds(tmp_path_factory, fashion_mnist_dir) -> pathlib.Path:
+  """A TFDS data dir holding Fashion-MNIST prepared offline (once per test session, ~10 s)."""
+  from retro_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path_factory.mktemp("fashion_mnist_tfds")
+  prepare.prepare("fashion_mnist", data_dir=data_dir, source_dir=fashion_mnist_dir,
+                  log=lambda message: None)
+  return data_dir

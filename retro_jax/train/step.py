@@ -85,7 +85,7 @@ def make_train_step(method, graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphD
     grads, (metrics, objective, rest) = jax.grad(loss_fn, has_aux=True)(state.trainable)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     new_state = TrainState(step=state.step + 1, trainable=trainable, rest=rest,
                            opt_state=opt_state, objective=objective, rng=state.rng)
     return new_state, metrics

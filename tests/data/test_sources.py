@@ -23,7 +23,6 @@ from PIL import Image
 import sample_data
 from retro_jax.data import host_ops
 from retro_jax.data import pipeline
-from retro_jax.data import prepare
 from retro_jax.data import sources
 from retro_jax.data.sources import DataSourceError
 
@@ -247,14 +246,6 @@ def test_unknown_split_lists_the_available_ones(tiny_tfds):
 
 # ------------------------------------------------------------------------------------------
 # The real Fashion-MNIST, prepared offline.
-
-
-@pytest.fixture(scope="module")
-def fashion_mnist_tfds(tmp_path_factory, fashion_mnist_dir) -> pathlib.Path:
-  data_dir = tmp_path_factory.mktemp("tensorflow_datasets")
-  prepare.prepare("fashion_mnist", data_dir=data_dir, source_dir=fashion_mnist_dir,
-                  log=lambda message: None)
-  return data_dir
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 
 def put(x, mesh: jax.sharding.Mesh, spec: jax.sharding.PartitionSpec):
@@ -71,3 +72,20 @@ def vissl_criterion(student_scores, teacher_targets, *, student_temperature,
       total_loss += np.sum(-q * log_softmax(student_out[v]), axis=-1).mean()
       n_loss_terms += 1
   return total_loss / n_loss_terms
+
+
+# Fixtures; each test file imports them by name (a conftest.py here would shadow the root
+# conftest module, which tests/test_harness.py imports).
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+  return np.random.default_rng(0)
+
+
+@pytest.fixture(params=["explicit", "auto"])
+def data_mesh(request) -> jax.sharding.Mesh:
+  """A 1-D ('data',) mesh over the 8 simulated devices, with explicit or auto axis types."""
+  axis_type = {"explicit": jax.sharding.AxisType.Explicit,
+               "auto": jax.sharding.AxisType.Auto}[request.param]
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(axis_type,))

@@ -11,6 +11,7 @@ import pytest
 
 from retro_jax.objectives import contrastive
 import objective_helpers as ref
+from objective_helpers import rng, data_mesh  # noqa: F401  (fixtures)
 
 P = jax.sharding.PartitionSpec
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from retro_jax.objectives import disco
 import objective_helpers as ref
+from objective_helpers import rng, data_mesh  # noqa: F401  (fixtures)
 
 P = jax.sharding.PartitionSpec
 CONFIG = disco.Config(queue_size=32, embed_dim=16)

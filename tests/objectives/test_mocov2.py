@@ -12,6 +12,7 @@ import pytest
 from retro_jax.objectives import contrastive
 from retro_jax.objectives import mocov2
 import objective_helpers as ref
+from objective_helpers import rng, data_mesh  # noqa: F401  (fixtures)
 
 P = jax.sharding.PartitionSpec
 CONFIG = mocov2.Config(queue_size=32, embed_dim=16)

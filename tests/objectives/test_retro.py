@@ -13,6 +13,7 @@ from flax import nnx
 from retro_jax.models import heads
 from retro_jax.objectives import retro
 import objective_helpers as ref
+from objective_helpers import rng, data_mesh  # noqa: F401  (fixtures)
 
 P = jax.sharding.PartitionSpec
 CONFIG = retro.Config(queue_size=32, embed_dim=16)

@@ -12,6 +12,7 @@ import pytest
 from retro_jax.objectives import dino
 from retro_jax.objectives import rob_dino
 import objective_helpers as ref
+from objective_helpers import rng, data_mesh  # noqa: F401  (fixtures)
 
 P = jax.sharding.PartitionSpec
 

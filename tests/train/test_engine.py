@@ -1,0 +1,235 @@
+"""The training engine end to end: the smoke config through the CLI, resume, device counts.
+
+Compiles dominate here, so the module shares one persistent XLA compilation cache: the runs
+of the same step function after the first one load it instead of compiling again.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
+from PIL import Image
+
+from retro_jax import checkpoint
+from retro_jax import main as main_lib
+from retro_jax.data import sources
+from retro_jax.models.encoder import EncoderSpec
+from retro_jax.models.encoder import build_encoder
+from retro_jax.objectives import retro
+from retro_jax.train import loop
+from retro_jax.train import mesh as mesh_lib
+from retro_jax.train import progress as progress_lib
+from retro_jax.train import step as step_lib
+from retro_jax.train.contrastive_methods import ContrastiveMethod
+
+CONFIG = str(pathlib.Path(__file__).parents[2] / "configs" / "effb0.py")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def persistent_compilation_cache(tmp_path_factory):
+  previous = (jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  compilation_cache.reset_cache()  # The cache reads its directory once; make it read ours.
+  yield
+  jax.config.update("jax_compilation_cache_dir", previous[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+  compilation_cache.reset_cache()
+
+
+def smoke_args(workdir, data_dir, *overrides):
+  return ["--config", f"{CONFIG}:smoke", "--workdir", str(workdir),
+          f"--config.data.data_dir={data_dir}", *overrides]
+
+
+def final_student(workdir: pathlib.Path):
+  model, description = checkpoint.load_model(workdir / "student")
+  return nnx.state(model, (nnx.Param, nnx.BatchStat)), description
+
+
+@pytest.mark.slow
+def test_smoke_config_trains_checkpoints_and_resumes_exactly(fashion_mnist_tfds, tmp_path,
+                                                             capsys, monkeypatch):
+  # An uninterrupted run of 4 steps.
+  straight = tmp_path / "straight"
+  assert main_lib.main(smoke_args(straight, fashion_mnist_tfds)) == 0
+  out = capsys.readouterr().out
+  assert "step 4/4" in out and "first step (compile + run)" in out
+  assert "parameters: trainable" in out
+  assert (straight / "config.json").is_file()
+  lines = (straight / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 4
+  assert sorted(checkpoint.TrainCheckpoints(straight, every_steps=2).all_steps()) == [2, 4]
+
+  # The same run killed during step 3 (after the checkpoint of step 2), then restarted.
+  killed = tmp_path / "killed"
+  update = progress_lib.Progress.update
+
+  def interrupt(self, step, metrics, **kwargs):
+    if step == 3:
+      raise KeyboardInterrupt
+    update(self, step, metrics, **kwargs)
+
+  monkeypatch.setattr(progress_lib.Progress, "update", interrupt)
+  with pytest.raises(KeyboardInterrupt):
+    main_lib.main(smoke_args(killed, fashion_mnist_tfds))
+  monkeypatch.setattr(progress_lib.Progress, "update", update)
+  assert not (killed / "student").exists()
+  assert main_lib.main(smoke_args(killed, fashion_mnist_tfds)) == 0
+  assert "resuming from step 2" in capsys.readouterr().out
+
+  want, description = final_student(straight)
+  got, _ = final_student(killed)
+  assert description["source"]["step"] == 4
+  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(want),
+                               jax.tree_util.tree_leaves_with_path(got)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_resume_with_another_teacher_is_refused(fashion_mnist_tfds, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  checkpoints = checkpoint.TrainCheckpoints(workdir, every_steps=1)
+  checkpoints.save(1, {"x": jnp.zeros(2)}, {"step": 1, "teacher": {"checkpoint": "/other"}})
+  checkpoints.close()
+  assert main_lib.main(smoke_args(workdir, fashion_mnist_tfds)) == 1
+  err = capsys.readouterr().err
+  assert "was trained with teacher {'checkpoint': '/other'}" in err
+
+
+@pytest.mark.parametrize("overrides, code, message", [
+    ([], 2, "--config and --workdir are required"),
+    (["--config.objective.temprature=0.1"], 2, "temprature"),
+    (["--config.objective.queue_size=100"], 1, "not a multiple"),
+    (["--config.global_batch_size=12"], 1, "not divisible by the 8 devices"),
+    (["--config.data.dataset=tfds:imagenet2012"], 1, "imagenet2012"),
+    (["--config.data.split=validation"], 1, "split 'validation'"),
+])
+def test_user_mistakes_exit_with_a_message(fashion_mnist_tfds, tmp_path, capsys, overrides,
+                                           code, message):
+  args = (["--config", f"{CONFIG}:smoke"] if not overrides else
+          smoke_args(tmp_path / "run", fashion_mnist_tfds, *overrides))
+  assert main_lib.main(args) == code
+  assert message in capsys.readouterr().err
+
+
+def test_missing_teacher_is_named(fashion_mnist_tfds, tmp_path, capsys):
+  args = smoke_args(tmp_path / "run", fashion_mnist_tfds,
+                    f"--config.teacher.checkpoint={tmp_path / 'nowhere'}")
+  assert main_lib.main(args) == 1
+  assert f"no model directory at {tmp_path / 'nowhere'}" in capsys.readouterr().err
+
+
+def test_the_data_section_alone_switches_the_dataset(fashion_mnist_tfds, tmp_path):
+  """TFDS Fashion-MNIST, an image folder, ImageNet: only config.data changes."""
+  folder = tmp_path / "images"
+  for name, count in {"cat": 3, "dog": 2}.items():
+    (folder / name).mkdir(parents=True)
+    for i in range(count):
+      Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(folder / name / f"{i}.png")
+  argv = ["prog", "--config", f"{CONFIG}:smoke", "--workdir", str(tmp_path)]
+  config = main_lib._flag_values(argv)  # pylint: disable=protected-access
+  config(argv)
+  data = config.config.data
+  data.data_dir = str(fashion_mnist_tfds)
+  assert sources.open_source(data.dataset, data.split, data.data_dir).num_examples == 256
+  data.dataset, data.split, data.data_dir = f"folder:{folder}", "", ""
+  assert sources.open_source(data.dataset, data.split or None).num_examples == 5
+  data.dataset, data.split, data.data_dir = "tfds:imagenet2012", "train", str(tmp_path)
+  with pytest.raises(sources.DataSourceError, match="imagenet2012"):
+    sources.open_source(data.dataset, data.split, data.data_dir)
+
+
+# ------------------------------------------------------------------------------------------
+# The step itself, on small models.
+
+
+@pytest.fixture(scope="module")
+def small_retro():
+  teacher = build_encoder(EncoderSpec("resnet18", {"low_res_stem": True}, "mlp",
+                                      {"dims": [512, 512, 128]}), rngs=nnx.Rngs(5))
+  teacher.eval()
+  method = ContrastiveMethod("retro", retro.Config(queue_size=32), "resnet18",
+                             {"low_res_stem": True})
+  return method, teacher
+
+
+def test_retro_head_gets_no_gradient_but_adapter_and_backbone_do(small_retro):
+  method, teacher = small_retro
+  model = method.build(teacher, rngs=nnx.Rngs(0))
+  model.train()
+  views = [jax.random.normal(jax.random.key(i), (4, 16, 16, 3)) for i in range(2)]
+  graphdef, trainable, rest = nnx.split(model, method.trainable_filter(), ...)
+  teacher_graphdef, teacher_state = nnx.split(teacher)
+  state = method.init_state(jax.random.key(1))
+
+  def loss(trainable, teacher_state):
+    model = nnx.merge(graphdef, trainable, rest, copy=True)
+    teacher = nnx.merge(teacher_graphdef, teacher_state, copy=True)
+    return method.loss(model, teacher, views, state)[0]
+
+  grads, teacher_grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(trainable, teacher_state)
+  head_grads = jax.tree.leaves(nnx.state(teacher_grads, nnx.Param)["head"])
+  assert head_grads and all(not np.any(np.asarray(g)) for g in head_grads)
+  for part in ("adapter", "backbone"):
+    norm = optax.tree.norm(grads[part])
+    assert float(norm) > 0, part
+  assert "ema_backbone" not in grads and "head" not in grads
+
+
+def test_one_and_eight_devices_give_the_same_parameters(small_retro):
+  """The same global batch on 1 and on 8 devices: the same loss and parameter update.
+
+  Element-wise comparisons are meaningless here: the consistency gradients are large (weight
+  32) and some biases get tiny gradients made of cancelling terms, where float32 reduction
+  order alone changes a few per cent. A layout bug (say, per-device batch norm) changes the
+  updates by O(1); reduction order changes them by ~1e-6 of their norm.
+  """
+  method, teacher = small_retro
+  tx = optax.sgd(1e-3, momentum=0.9)
+  rng = np.random.default_rng(0)
+  batches = [{"views": tuple(rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+                             for _ in range(2)), "index": np.arange(16) + 16 * i}
+             for i in range(1)]
+  teacher_graphdef, teacher_state = nnx.split(teacher)
+
+  def run(devices):
+    mesh = mesh_lib.make_mesh(devices)
+    model = method.build(teacher, rngs=nnx.Rngs(0))
+    model.train()
+    graphdef, state = step_lib.init_state(model, method.trainable_filter(), tx,
+                                          method.init_state(jax.random.key(1)), seed=0)
+    start = jax.device_get(state.trainable)
+    replicated, by_batch = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+    step = step_lib.jit_train_step(
+        step_lib.make_train_step(method, graphdef, teacher_graphdef, method.trainable_filter(),
+                                 tx, lambda key, views, index: tuple(
+                                     v.astype(jnp.float32) / 255.0 for v in views)),
+        replicated, replicated, by_batch)
+    state = jax.device_put(state, replicated)
+    losses = []
+    for batch in batches:
+      state, metrics = step(state, jax.device_put(teacher_state, replicated),
+                            jax.device_put(batch, by_batch))
+      losses.append(float(metrics["loss"]))
+    update = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
+                          jax.device_get(state.trainable), start)
+    return update, losses
+
+  one, losses_one = run(jax.devices()[:1])
+  eight, losses_eight = run(jax.devices())
+  np.testing.assert_allclose(losses_eight, losses_one, rtol=1e-6)
+  difference = optax.tree.norm(jax.tree.map(np.subtract, eight, one))
+  print(f"update difference {difference:.3g} of the update's norm {optax.tree.norm(one):.3g}")
+  assert difference <= 1e-2 * optax.tree.norm(one)
+  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(one),
+                               jax.tree_util.tree_leaves_with_path(eight)):
+    assert np.linalg.norm(b - a) <= 0.1 * np.linalg.norm(a), jax.tree_util.keystr(path)
