@@ -21,60 +21,15 @@ Open points and the reading used (retro_jax/objectives/retro.py):
     examples; 32 x the per-sample mean gives the same gradient scale at batch 256.
   * BN is synchronised over the global batch (the reference: per-GPU BN, shuffle-BN keys).
 
-Variants: `:smoke` builds and trains a few steps on CPU: 32 px Fashion-MNIST (prepare it with
-`python -m retro_jax data prepare fashion_mnist`), batch 16, a randomly initialised ResNet-18
-teacher (`teacher.random_spec`): it checks the wiring, not the result.
+Variants: `:smoke` trains 4 steps on CPU (32 px Fashion-MNIST, batch 16, a random ResNet-18
+teacher; `retro_jax.train.recipes.smoke`): it checks the wiring, not the result.
 """
 
 from __future__ import annotations
 
-import ml_collections
-
-from retro_jax.data import presets
-from retro_jax.train import optim
+from retro_jax.train import recipes
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """The full ImageNet recipe."""
-  config = ml_collections.ConfigDict()
-  config.method = "retro"
-  config.seed = 0
-  config.global_batch_size = 256
-  config.epochs = 200
-  config.total_steps = 0  # > 0 overrides epochs (smoke tests)
-  config.objective = dict(temperature=0.2, queue_size=65536, embed_dim=128, momentum=0.999,
-                          consistency_weight=32.0, contrastive_weight=1.0,
-                          consistency_pairing="same_view", symmetric=False)
-  config.student = dict(name="efficientnet_b0", kwargs={}, adapter="inverted_residual")
-  config.teacher = dict(checkpoint="", random_spec=None)
-  config.data = dict(dataset="tfds:imagenet2012", split="train", data_dir="",
-                     process_invariant=False, shuffle_buffer=10_000,
-                     augmentation=presets.preset("mocov2"))
-  config.input = dict(mean=list(presets.IMAGENET_MEAN), std=list(presets.IMAGENET_STD))
-  config.optimizer = optim.recipe_config("retro")
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 5000
-  config.keep_checkpoints = 2
-  return config
-
-
-def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  config = base_config()
-  if variant == "smoke":
-    config.global_batch_size = 16
-    config.total_steps = 4
-    config.objective.queue_size = 64
-    config.student.kwargs = {}
-    config.teacher.random_spec = dict(
-        architecture="resnet18", backbone_kwargs={"low_res_stem": True}, head_kind="mlp",
-        head_kwargs={"dims": [512, 512, 128]})
-    config.data.dataset = "tfds:fashion_mnist"
-    config.data.split = "train[:256]"
-    config.data.shuffle_buffer = 256
-    config.data.augmentation = presets.preset("mocov2_lowres", size=32)
-    config.log_every_steps = 1
-    config.checkpoint_every_steps = 2
-  elif variant is not None:
-    raise ValueError(f"unknown variant {variant!r} of configs/effb0.py; expected 'smoke'")
-  config.lock()
-  return config
+def get_config(variant: str | None = None):
+  config = recipes.contrastive_config("retro", "efficientnet_b0", optimizer="retro")
+  return recipes.finish(config, variant, "configs/effb0.py")

@@ -77,7 +77,8 @@ class ContrastiveMethod:
     student: backbone name; `student_kwargs` its options (e.g. low_res_stem).
     head_dims: hidden and output widths of the own head (mocov2/disco): DisCo's student
       head is in -> 2048 -> 128, MoCo-v2's in -> in -> 128 (hidden None means `in`).
-    adapter: retro's adapter kind ('inverted_residual', 'simkd', 'conv1x1').
+    adapter: retro's adapter kind ('inverted_residual', 'simkd', 'conv1x1'); adapter_kwargs
+      its options (e.g. activation='hard_mish' for MobileNetV3, as the Retro code).
   """
   name: str
   objective: Any
@@ -85,6 +86,7 @@ class ContrastiveMethod:
   student_kwargs: dict = dataclasses.field(default_factory=dict)
   head_hidden: int | None = None
   adapter: str = "inverted_residual"
+  adapter_kwargs: dict = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.name not in METHODS:
@@ -105,7 +107,7 @@ class ContrastiveMethod:
         raise ValueError("retro needs a teacher with a projection head (convert a MoCo-v2 "
                          "checkpoint with its fc head)")
       adapter = create_adapter(self.adapter, backbone.feature_width,
-                               teacher.head.in_features, rngs=rngs)
+                               teacher.head.in_features, rngs=rngs, **self.adapter_kwargs)
     else:
       width = backbone.feature_width
       dims = (width, self.head_hidden or width, self.objective.embed_dim)

@@ -90,9 +90,11 @@ def load_teacher(config: ml_collections.ConfigDict) -> tuple[Encoder | None, dic
 
 def build_method(config: ml_collections.ConfigDict) -> ContrastiveMethod:
   student = config.student
+  adapter_kwargs = student.get("adapter_kwargs")
   return ContrastiveMethod(config.method, objective_config(config), student.name,
-                           student.kwargs.to_dict(), head_hidden=student.get("head_hidden"),
-                           adapter=student.get("adapter", "inverted_residual"))
+                           student.kwargs.to_dict(), head_hidden=student.get("head_hidden") or None,
+                           adapter=student.get("adapter", "inverted_residual"),
+                           adapter_kwargs=adapter_kwargs.to_dict() if adapter_kwargs else {})
 
 
 def _steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:

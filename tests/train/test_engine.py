@@ -6,6 +6,7 @@ of the same step function after the first one load it instead of compiling again
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import jax
@@ -233,3 +234,18 @@ def test_one_and_eight_devices_give_the_same_parameters(small_retro):
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(one),
                                jax.tree_util.tree_leaves_with_path(eight)):
     assert np.linalg.norm(b - a) <= 0.1 * np.linalg.norm(a), jax.tree_util.keystr(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3", "disco_effb0", "mocov2_r50"])
+def test_every_config_trains_two_smoke_steps(name, fashion_mnist_tfds, tmp_path, capsys):
+  config = str(pathlib.Path(CONFIG).parent / f"{name}.py")
+  args = ["--config", f"{config}:smoke", "--workdir", str(tmp_path / name),
+          f"--config.data.data_dir={fashion_mnist_tfds}", "--config.total_steps=2"]
+  assert main_lib.main(args) == 0
+  out = capsys.readouterr().out
+  assert "step 2/2" in out and "loss" in out
+  resolved = json.loads((tmp_path / name / "config.json").read_text())
+  _, description = checkpoint.load_model(tmp_path / name / "student")
+  assert description["source"]["method"] == resolved["method"]
+  assert description["encoder"]["architecture"] == resolved["student"]["name"]

@@ -1,0 +1,101 @@
+"""The config layout of the MoCo-style recipes, shared by the files in configs/.
+
+A config file states one recipe (its docstring: command, hardware, expected result, readings
+of the open points) and builds it with `contrastive_config(...)`; `smoke(config)` turns any of
+them into the few-step CPU run on Fashion-MNIST that the tests train. The layout:
+
+  method            'mocov2' | 'disco' | 'retro'
+  seed, global_batch_size, epochs, total_steps (> 0 overrides epochs)
+  objective         the objective's Config fields (retro_jax/objectives/<method>.py)
+  student           name, kwargs (backbone options), head_hidden (mocov2/disco), adapter and
+                    adapter_kwargs (retro)
+  teacher           checkpoint (a `convert` output), random_spec (smoke runs only)
+  data              dataset ('tfds:NAME' | 'folder:PATH'), split, data_dir, process_invariant,
+                    shuffle_buffer, augmentation (a presets.preset)
+  input             mean, std recorded with the exported student
+  optimizer         an optim.recipe_config block
+  log_every_steps, checkpoint_every_steps, keep_checkpoints
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from retro_jax.data import presets
+from retro_jax.train import optim
+
+# The DisCo/Retro/MoCo-v2 constants (retro.md section 3): queue 65,536, T = 0.2, m = 0.999.
+_CONTRASTIVE = dict(temperature=0.2, queue_size=65536, embed_dim=128, momentum=0.999,
+                    symmetric=False)
+_CONSISTENCY = dict(consistency_weight=32.0, contrastive_weight=1.0)
+
+
+def contrastive_config(method: str, student: str, *, optimizer: str, epochs: int = 200,
+                       global_batch_size: int = 256, student_kwargs: dict | None = None,
+                       head_hidden: int | None = None, adapter: str = "inverted_residual",
+                       adapter_kwargs: dict | None = None) -> ml_collections.ConfigDict:
+  """An unlocked ImageNet config of `method` with `student` and the MoCo-v2 augmentation."""
+  config = ml_collections.ConfigDict()
+  config.method = method
+  config.seed = 0
+  config.global_batch_size = global_batch_size
+  config.epochs = epochs
+  config.total_steps = 0
+  objective: dict[str, Any] = dict(_CONTRASTIVE)
+  if method != "mocov2":
+    objective.update(_CONSISTENCY)
+  if method == "retro":
+    objective["consistency_pairing"] = "same_view"
+  config.objective = objective
+  config.student = dict(name=student, kwargs=student_kwargs or {})
+  if method == "retro":
+    config.student.adapter = adapter
+    config.student.adapter_kwargs = adapter_kwargs or {}
+  else:
+    config.student.head_hidden = head_hidden or 0  # 0: the backbone's width (MoCo-v2)
+  config.teacher = dict(checkpoint="", random_spec=None)
+  config.data = dict(dataset="tfds:imagenet2012", split="train", data_dir="",
+                     process_invariant=False, shuffle_buffer=10_000,
+                     augmentation=presets.preset("mocov2"))
+  config.input = dict(mean=list(presets.IMAGENET_MEAN), std=list(presets.IMAGENET_STD))
+  config.optimizer = optim.recipe_config(optimizer)
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 5000
+  config.keep_checkpoints = 2
+  return config
+
+
+def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A few CPU steps on 32 px Fashion-MNIST, batch 16, with a random ResNet-18 teacher.
+
+  It checks the wiring, not the result; prepare the data first with
+  `python -m retro_jax data prepare fashion_mnist` (and pass `--config.data.data_dir` if it
+  is not TFDS's default folder).
+  """
+  config.global_batch_size = 16
+  config.total_steps = 4
+  config.objective.queue_size = 64
+  if config.method != "mocov2":
+    config.teacher.random_spec = dict(
+        architecture="resnet18", backbone_kwargs={"low_res_stem": True}, head_kind="mlp",
+        head_kwargs={"dims": [512, 512, 128]})
+  config.data.dataset = "tfds:fashion_mnist"
+  config.data.split = "train[:256]"
+  config.data.shuffle_buffer = 256
+  config.data.augmentation = presets.preset("mocov2_lowres", size=32)
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2
+  return config
+
+
+def finish(config: ml_collections.ConfigDict, variant: str | None,
+           path: str) -> ml_collections.ConfigDict:
+  """Applies the variant (None or 'smoke') and locks the config."""
+  if variant == "smoke":
+    smoke(config)
+  elif variant is not None:
+    raise ValueError(f"unknown variant {variant!r} of {path}; expected 'smoke'")
+  config.lock()
+  return config
