@@ -98,7 +98,11 @@ def load_model(directory: str | pathlib.Path) -> tuple[Encoder, dict[str, Any]]:
   directory = pathlib.Path(directory).absolute()
   document = read_description(directory)
   model = abstract_encoder(EncoderSpec.from_json(document["encoder"]))
-  target = _weights(model)  # Shapes and dtypes only: Orbax reads into them.
+  # Shapes and dtypes only, placed on one local device: the model loads on any machine,
+  # whatever the device layout of the run that saved it (a multi-host run included).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        _weights(model))
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       restored = checkpointer.restore(directory / STATE_DIR, target)

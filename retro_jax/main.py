@@ -6,12 +6,17 @@ error; values derived from it (steps, schedules, scaled learning rate) are compu
 trainer from the final, overridden config. The resolved config is printed and written to
 WORKDIR/config.json. Restarting the same command continues from the last checkpoint.
 
+Several hosts: run the same command on every host with --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (or let JAX detect them on Cloud TPU / SLURM); each process
+reads its share of the data, and the batch is split over all devices of all processes.
+
 Exit status: 0 done, 1 the run cannot start or failed on its input (message on stderr),
 2 usage error.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import sys
@@ -30,7 +35,37 @@ def _flag_values(argv: list[str]) -> flags.FlagValues:
                                   flag_values=values, lock_config=True, sys_argv=argv)
   flags.DEFINE_string("workdir", None, "where checkpoints, logs and the student go",
                       flag_values=values)
+  # Several hosts: every process runs the same command with its own --process_id. Unset flags
+  # fall back to JAX's own detection (Cloud TPU, SLURM, Open MPI environments).
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host runs)",
+                      flag_values=values)
+  flags.DEFINE_integer("num_processes", None, "number of processes (multi-host runs)",
+                       flag_values=values)
+  flags.DEFINE_integer("process_id", None, "this process's index (multi-host runs)",
+                       flag_values=values)
   return values
+
+
+def _initialize_distributed(argv: list[str]) -> None:
+  """jax.distributed.initialize when several processes are asked for; a no-op otherwise.
+
+  It must run before anything touches a JAX backend, including loading the config file, so
+  it reads its three flags from argv itself (they are declared above for --help and
+  validation).
+  """
+  parser = argparse.ArgumentParser(add_help=False)
+  parser.add_argument("--coordinator_address")
+  parser.add_argument("--num_processes", type=int)
+  parser.add_argument("--process_id", type=int)
+  known, _ = parser.parse_known_args(argv)
+  if known.coordinator_address is None and known.num_processes is None and (
+      known.process_id is None):
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  # CPU processes exchange data through gloo; accelerators use their own collectives.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=known.coordinator_address,
+                             num_processes=known.num_processes, process_id=known.process_id)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.main") -> int:
@@ -39,6 +74,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.main") 
     print(USAGE.format(prog=prog) + "\n\n" + __doc__.split("\n\n", 1)[1],
           file=sys.stdout if argv else sys.stderr)
     return 0 if argv else 2
+  try:
+    _initialize_distributed(argv)
+  except (ValueError, RuntimeError) as error:
+    print(f"{prog}: could not join the multi-process run: {error}", file=sys.stderr)
+    return 1
   values = _flag_values([prog] + argv)
   try:
     values([prog] + argv)

@@ -31,6 +31,10 @@ class Progress:
     self.global_batch = global_batch
     self.every = max(1, every)
     self.schedules = schedules
+    # One voice per run: process 0 logs; the others compute the same numbers silently.
+    self.active = jax.process_index() == 0
+    if not self.active:
+      return
     self._jsonl = open(pathlib.Path(workdir) / "metrics.jsonl", "a", encoding="utf-8")
     tf = import_tensorflow()
     self._writer = tf.summary.create_file_writer(str(pathlib.Path(workdir) / "tensorboard"))
@@ -40,7 +44,7 @@ class Progress:
 
   def update(self, step: int, metrics: dict[str, jax.Array], *, skipped: int = 0) -> None:
     """Records the metrics of the step that just finished (`step` counts finished steps)."""
-    if step % self.every and step != self.total_steps:
+    if not self.active or (step % self.every and step != self.total_steps):
       return
     values = {name: float(value) for name, value in jax.device_get(metrics).items()}
     now = time.perf_counter()
@@ -75,5 +79,7 @@ class Progress:
     return " | ".join(parts)
 
   def close(self) -> None:
+    if not self.active:
+      return
     self._jsonl.close()
     self._writer.close()

@@ -1,0 +1,1 @@
+"""Evaluation of frozen features: weighted k-NN (`knn`); linear probe and fine-tuning to come."""
