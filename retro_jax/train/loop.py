@@ -34,6 +34,7 @@ from retro_jax.train import mesh as mesh_lib
 from retro_jax.train import optim
 from retro_jax.train import step as step_lib
 from retro_jax.train.contrastive_methods import ContrastiveMethod
+from retro_jax.train.monitor import KnnMonitor
 from retro_jax.train.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                                augmentation.device_views),
       replicated, replicated, mesh_lib.batch_sharding(mesh))
 
+  monitor = None
+  if config.get("monitor") and config.monitor.every_steps > 0:
+    monitor = KnnMonitor(config.monitor, config.data, method, graphdef,
+                         mesh_lib.batch_sharding(mesh))
   progress = Progress(workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                       global_batch=global_batch, every=config.log_every_steps,
                       schedules=schedules)
@@ -182,6 +187,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       if step == start_step:
         jax.block_until_ready(metrics)
         print(f"first step (compile + run): {time.perf_counter() - started:.1f} s", flush=True)
+      if monitor is not None and monitor.due(step + 1, total_steps):
+        metrics = dict(metrics, **monitor.evaluate(state))
       progress.update(step + 1, metrics, skipped=batches.skipped_count)
       record = {"step": step + 1, "teacher": teacher_identity,
                 "data": {"epoch": (step + 1) // steps_per_epoch, "skipped": batches.skipped}}

@@ -15,6 +15,8 @@ them into the few-step CPU run on Fashion-MNIST that the tests train. The layout
   input             mean, std recorded with the exported student
   optimizer         an optim.recipe_config block
   log_every_steps, checkpoint_every_steps, keep_checkpoints
+  monitor           every_steps (0: off), k, batch_size, bank_split, test_split, augmentation
+                    (an eval preset): the online k-NN monitor
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ def contrastive_config(method: str, student: str, *, optimizer: str, epochs: int
   config.log_every_steps = 100
   config.checkpoint_every_steps = 5000
   config.keep_checkpoints = 2
+  # Online k-NN monitor on the labelled splits of the same dataset (0 = off).
+  config.monitor = dict(every_steps=5000, k=200, batch_size=256, bank_split="train",
+                        test_split="validation", augmentation=presets.preset("eval"))
   return config
 
 
@@ -87,6 +92,11 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.data.augmentation = presets.preset("mocov2_lowres", size=32)
   config.log_every_steps = 1
   config.checkpoint_every_steps = 2
+  config.monitor.every_steps = 2
+  config.monitor.batch_size = 16
+  config.monitor.bank_split = "train[:256]"
+  config.monitor.test_split = "test[:128]"
+  config.monitor.augmentation = presets.preset("eval_lowres", size=32)
   return config
 
 

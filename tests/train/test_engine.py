@@ -68,6 +68,10 @@ def test_smoke_config_trains_checkpoints_and_resumes_exactly(fashion_mnist_tfds,
   assert (straight / "config.json").is_file()
   lines = (straight / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 4
+  # The online k-NN monitor ran at steps 2 and 4 (monitor.every_steps = 2 in :smoke).
+  records = [json.loads(line) for line in lines]
+  assert [("knn_top1_k200" in r) for r in records] == [False, True, False, True]
+  assert all(0 <= r["knn_top1_k200"] <= r["knn_top5_k200"] <= 100 for r in records[1::2])
   assert sorted(checkpoint.TrainCheckpoints(straight, every_steps=2).all_steps()) == [2, 4]
 
   # The same run killed during step 3 (after the checkpoint of step 2), then restarted.
