@@ -9,7 +9,6 @@ had never stopped (the data pipeline is addressed by step, the random key by ste
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 import time
@@ -119,7 +118,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   # Teacher, data.
   teacher, teacher_identity = load_teacher(config)
   augmentation = Augmentation.from_config(config.data.augmentation)
-  source = sources.open_source(config.data.dataset, config.data.get("split"),
+  source = sources.open_source(config.data.dataset, config.data.get("split") or None,
                                config.data.get("data_dir") or None)
   if source.num_examples < global_batch:
     raise ConfigError(f"data: {source} has {source.num_examples} examples, fewer than one "

@@ -24,7 +24,6 @@ from retro_jax.data import sources
 from retro_jax.models.encoder import EncoderSpec
 from retro_jax.models.encoder import build_encoder
 from retro_jax.objectives import retro
-from retro_jax.train import loop
 from retro_jax.train import mesh as mesh_lib
 from retro_jax.train import progress as progress_lib
 from retro_jax.train import step as step_lib
