@@ -25,7 +25,7 @@ def runtime_requirements() -> dict[str, Requirement]:
 def test_runtime_dependencies_are_declared():
   names = set(runtime_requirements())
   for name in ("jax", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets",
-               "ml-collections", "absl-py", "numpy", "pillow", "tensorboard",
+               "ml-collections", "absl-py", "numpy", "pillow", "tensorboard", "matplotlib",
                "importlib-resources"):
     assert name in names or name.replace("-", "_") in names, name
   assert {"tensorflow-cpu", "tensorflow"} & names

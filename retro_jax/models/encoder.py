@@ -16,12 +16,33 @@ from flax import nnx
 
 from retro_jax.models import heads
 from retro_jax.models import registry
+from retro_jax.models.adapters import create_adapter
+
+
+class PooledAdapter(nnx.Module):
+  """Retro's student-side projection: the dimension adapter on the pre-pool feature map, then
+  global average pooling. Saved as a trained Retro student's head, its embedding is the
+  feature the authors' linear evaluation uses (`head_kind='adapter'`)."""
+
+  takes_feature_map = True  # Encoder feeds it the feature map, not the pooled feature
+
+  def __init__(self, kind: str, in_features: int, out_features: int, *,
+               rngs: nnx.Rngs | None = None, adapter: nnx.Module | None = None, **kwargs: Any):
+    """Builds the adapter (`rngs`) or wraps a trained one (`adapter`, e.g. for saving)."""
+    if adapter is None:
+      adapter = create_adapter(kind, in_features, out_features, rngs=rngs, **kwargs)
+    self.adapter = adapter
+    self.in_features, self.out_features = in_features, out_features
+
+  def embed(self, feature_map: jax.Array) -> jax.Array:
+    return jax.numpy.mean(self.adapter(feature_map), axis=(1, 2))
 
 # Head kinds a spec can name: the classes of `retro_jax.models.heads`.
 HEADS: dict[str, type[nnx.Module]] = {
     "mlp": heads.MLPHead,
     "dino": heads.DINOHead,
     "msn": heads.MSNHead,
+    "adapter": PooledAdapter,
 }
 
 
@@ -58,7 +79,10 @@ class Encoder(nnx.Module):
 
   def __call__(self, images: jax.Array) -> EncoderOutput:
     out = self.backbone(images)
-    embedding = None if self.head is None else self.head.embed(out.pooled)
+    embedding = None
+    if self.head is not None:
+      takes_map = getattr(self.head, "takes_feature_map", False)
+      embedding = self.head.embed(out.feature_map if takes_map else out.pooled)
     return EncoderOutput(out.pooled, out.feature_map, embedding)
 
 

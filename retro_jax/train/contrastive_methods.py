@@ -32,11 +32,13 @@ from flax import nnx
 
 from retro_jax.models import create_backbone
 from retro_jax.models.adapters import create_adapter
+from retro_jax.models.encoder import PooledAdapter
 from retro_jax.models.heads import MLPHead
 from retro_jax.objectives import contrastive
 from retro_jax.objectives import disco
 from retro_jax.objectives import mocov2
 from retro_jax.objectives import retro
+from retro_jax.train import teacher as teacher_lib
 
 METHODS = ("mocov2", "disco", "retro")
 
@@ -123,8 +125,9 @@ class ContrastiveMethod:
   def init_state(self, key: jax.Array) -> contrastive.QueueState:
     return contrastive.init_queue(key, self.objective.queue_size, self.objective.embed_dim)
 
-  def momentum_update(self, model: ContrastiveStudent) -> None:
+  def momentum_update(self, model: ContrastiveStudent, step: jax.Array) -> None:
     """The key encoder moves toward the student (params only; BN statistics are its own)."""
+    del step  # MoCo's momentum is constant
     m = self.objective.momentum
     pairs = [(model.ema_backbone, model.backbone)]
     if model.ema_head is not None:
@@ -143,8 +146,9 @@ class ContrastiveMethod:
     head = model.ema_head if ema else model.head
     return head(out.pooled)
 
-  def loss(self, model: ContrastiveStudent, teacher, views, state):
+  def loss(self, model: ContrastiveStudent, teacher, views, state, *, step=None, key=None):
     """(loss, metrics, new queue state) for two normalised views [B, H, W, 3]."""
+    del step, key  # nothing scheduled, nothing random
     x1, x2 = views[0], views[1]
     symmetric = self.objective.symmetric
     needs_qk = symmetric or self.name == "disco" or (
@@ -156,10 +160,32 @@ class ContrastiveMethod:
           if symmetric else None)
     if self.name == "mocov2":
       return mocov2.loss(state, q, k, qk=qk, kq=kq, config=self.objective)
-    t_q, t_k = (jax.lax.stop_gradient(teacher(x).embedding) for x in (x1, x2))
+    t_q, t_k = (jax.lax.stop_gradient(
+        teacher(teacher_lib.as_input(teacher, x)).embedding.astype(jnp.float32))
+                for x in (x1, x2))
     loss_fn = retro.loss if self.name == "retro" else disco.loss
     return loss_fn(state, q, qk, k, t_q, t_k, kq=kq, config=self.objective)
+
+  def adjust_gradients(self, grads: nnx.State, step: jax.Array) -> nnx.State:
+    del step
+    return grads
 
   def export_backbone(self, model: ContrastiveStudent) -> nnx.Module:
     """The network handed on for downstream use: the student backbone."""
     return model.backbone
+
+  def export_head(self, model: ContrastiveStudent) -> tuple[nnx.Module, str, dict[str, Any]]:
+    """The student's projection with the `EncoderSpec` head kind and arguments.
+
+    mocov2/disco: the own MLP head. retro: the adapter followed by pooling (the feature the
+    authors' linear evaluation reads); the teacher's head is the teacher's, not saved here.
+    """
+    if self.name == "retro":
+      adapter = model.adapter
+      kwargs = dict(self.adapter_kwargs, kind=self.adapter, in_features=adapter.in_features,
+                    out_features=adapter.out_features)
+      return PooledAdapter(adapter=adapter, **kwargs), "adapter", kwargs
+    head = model.head
+    dims = [model.backbone.feature_width, self.head_hidden or model.backbone.feature_width,
+            self.objective.embed_dim]
+    return head, "mlp", {"dims": dims}

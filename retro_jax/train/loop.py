@@ -9,7 +9,6 @@ had never stopped (the data pipeline is addressed by step, the random key by ste
 from __future__ import annotations
 
 import dataclasses
-import logging
 import pathlib
 import time
 from typing import Any
@@ -19,26 +18,33 @@ import ml_collections
 from flax import nnx
 
 from retro_jax import checkpoint
+from retro_jax import report
 from retro_jax.data import pipeline as pipeline_lib
 from retro_jax.data import sources
 from retro_jax.data.presets import Augmentation
 from retro_jax.models.encoder import Encoder
 from retro_jax.models.encoder import EncoderSpec
-from retro_jax.models.encoder import build_encoder
 from retro_jax.objectives import contrastive
+from retro_jax.objectives import dino
 from retro_jax.objectives import disco
 from retro_jax.objectives import mocov2
 from retro_jax.objectives import retro
+from retro_jax.objectives import rob_dino
+from retro_jax.objectives import rob_msn
 from retro_jax.train import mesh as mesh_lib
 from retro_jax.train import optim
 from retro_jax.train import step as step_lib
+from retro_jax.train import teacher as teacher_lib
 from retro_jax.train.contrastive_methods import ContrastiveMethod
+from retro_jax.train.multicrop_methods import METHODS as MULTICROP_METHODS
+from retro_jax.train.multicrop_methods import MultiCropMethod
 from retro_jax.train.monitor import KnnMonitor
 from retro_jax.train.progress import Progress
 
-log = logging.getLogger(__name__)
 
-OBJECTIVE_CONFIGS = {"mocov2": mocov2.Config, "disco": disco.Config, "retro": retro.Config}
+OBJECTIVE_CONFIGS = {"mocov2": mocov2.Config, "disco": disco.Config, "retro": retro.Config,
+                     "dino": dino.Config, "rob_dino": rob_dino.Config,
+                     "rob_msn": rob_msn.Config}
 
 
 class ConfigError(ValueError):
@@ -63,35 +69,24 @@ def objective_config(config: ml_collections.ConfigDict):
     raise ConfigError(f"objective: {error}") from None
 
 
-def load_teacher(config: ml_collections.ConfigDict) -> tuple[Encoder | None, dict[str, Any]]:
-  """The frozen teacher (eval mode) and what identifies it (recorded in checkpoints)."""
-  teacher_config = config.teacher
-  if config.method == "mocov2":
-    return None, {}
-  if teacher_config.checkpoint:
-    teacher, description = checkpoint.load_model(teacher_config.checkpoint)
-    source = description.get("source", {})
-    identity = {"checkpoint": str(pathlib.Path(teacher_config.checkpoint).absolute()),
-                "sha256": source.get("sha256") if isinstance(source, dict) else None,
-                "architecture": description["encoder"]["architecture"]}
-  elif teacher_config.random_spec:
-    # Tests and smoke runs only: a randomly initialised teacher, loudly labelled.
-    spec = EncoderSpec.from_json(teacher_config.random_spec.to_dict())
-    teacher = build_encoder(spec, rngs=nnx.Rngs(config.seed + 1))
-    identity = {"random": spec.to_json(), "seed": config.seed + 1}
-    log.warning("teacher: RANDOMLY INITIALISED %s (teacher.random_spec); for smoke tests only",
-                spec.architecture)
-  else:
-    raise ConfigError(f"{config.method} needs a teacher: set teacher.checkpoint to a model "
-                      "directory made by `python -m retro_jax convert`")
-  teacher.eval()
-  return teacher, identity
-
-
-def build_method(config: ml_collections.ConfigDict) -> ContrastiveMethod:
+def build_method(config: ml_collections.ConfigDict, *, steps_per_epoch: int,
+                 total_steps: int) -> ContrastiveMethod | MultiCropMethod:
+  """The method object of `config.method` with its objective and model choices."""
   student = config.student
+  objective = objective_config(config)
+  if config.method in MULTICROP_METHODS:
+    dino_options = config.get("dino") or {}
+    try:
+      return MultiCropMethod(
+          config.method, objective, student.name, student.kwargs.to_dict(),
+          head=student.head.to_dict(), steps_per_epoch=steps_per_epoch,
+          total_steps=total_steps, token_drop_ratio=student.get("token_drop_ratio", 0.0),
+          teacher_momentum=dino_options.get("teacher_momentum", 0.996),
+          freeze_last_layer_epochs=dino_options.get("freeze_last_layer_epochs", 0))
+    except ValueError as error:
+      raise ConfigError(f"student: {error}") from None
   adapter_kwargs = student.get("adapter_kwargs")
-  return ContrastiveMethod(config.method, objective_config(config), student.name,
+  return ContrastiveMethod(config.method, objective, student.name,
                            student.kwargs.to_dict(), head_hidden=student.get("head_hidden") or None,
                            adapter=student.get("adapter", "inverted_residual"),
                            adapter_kwargs=adapter_kwargs.to_dict() if adapter_kwargs else {})
@@ -112,11 +107,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   mesh = mesh_lib.make_mesh()
   global_batch = config.global_batch_size
   mesh_lib.check_global_batch(global_batch, mesh)
-  method = build_method(config)
-  contrastive.check_queue_size(method.objective.queue_size, global_batch)
+  objective = objective_config(config)
+  if hasattr(objective, "queue_size"):
+    contrastive.check_queue_size(objective.queue_size, global_batch)
 
   # Teacher, data.
-  teacher, teacher_identity = load_teacher(config)
+  teacher, teacher_identity = teacher_lib.load_teacher(
+      config, needs_teacher=config.method not in ("mocov2", "dino"))
   augmentation = Augmentation.from_config(config.data.augmentation)
   source = sources.open_source(config.data.dataset, config.data.get("split") or None,
                                config.data.get("data_dir") or None)
@@ -125,6 +122,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                       f"global batch of {global_batch}")
   steps_per_epoch = source.num_examples // global_batch
   total_steps = _steps(config, steps_per_epoch)
+  method = build_method(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
   # Model, optimiser, state.
   model = method.build(teacher, rngs=nnx.Rngs(config.seed))
@@ -139,6 +137,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   replicated = mesh_lib.replicated(mesh)
   state = jax.device_put(state, replicated)
   teacher_graphdef, teacher_state = (None, None) if teacher is None else nnx.split(teacher)
+  if teacher is not None:
+    teacher_state = teacher_lib.cast_state(teacher_state, config.teacher.get("dtype", "float32"))
   teacher_state = jax.device_put(teacher_state, replicated)
   print(f"parameters: trainable {step_lib.count_parameters(state.trainable):,}, other "
         f"student state {step_lib.count_parameters(state.rest):,}, teacher (frozen) "
@@ -197,18 +197,28 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     progress.close()
 
   _save_student(workdir, method, graphdef, state, config)
+  if jax.process_index() == 0:  # only process 0 logs metrics
+    try:
+      print(f"report: {report.write_report(workdir)}", flush=True)
+    except report.ReportError as error:
+      print(f"report: not written: {error}", flush=True)
   return {k: float(v) for k, v in metrics.items()}
 
 
-def _save_student(workdir: pathlib.Path, method: ContrastiveMethod, graphdef, state,
-                  config: ml_collections.ConfigDict) -> None:
-  """The trained backbone as a model directory (what `embed` and fine-tuning load)."""
+def _save_student(workdir: pathlib.Path, method: ContrastiveMethod | MultiCropMethod, graphdef,
+                  state, config: ml_collections.ConfigDict) -> None:
+  """The trained backbone and its projection head as a model directory.
+
+  This is what `embed`, `export` (backbone only by default) and evaluation load; a MoCo-v2
+  run's student, head included, is a teacher for a later Retro or DisCo run.
+  """
   model = nnx.merge(graphdef, state.trainable, state.rest)
-  backbone = method.export_backbone(model)
-  spec = EncoderSpec(config.student.name, config.student.kwargs.to_dict())
+  head, head_kind, head_kwargs = method.export_head(model)
+  spec = EncoderSpec(config.student.name, config.student.kwargs.to_dict(), head_kind,
+                     head_kwargs)
   out = workdir / "student"
-  checkpoint.save_model(out, Encoder(backbone), spec,
+  checkpoint.save_model(out, Encoder(method.export_backbone(model), head), spec,
                         {"source": {"format": "retro_jax.train", "method": config.method,
                                     "workdir": str(workdir), "step": int(state.step)},
                          "input": config.input.to_dict()}, overwrite=True)
-  print(f"student backbone: {out}", flush=True)
+  print(f"student (backbone + {head_kind} head): {out}", flush=True)

@@ -1,15 +1,19 @@
-"""The config layout of the MoCo-style recipes, shared by the files in configs/.
+"""The config layouts of the recipes, shared by the files in configs/.
 
 A config file states one recipe (its docstring: command, hardware, expected result, readings
-of the open points) and builds it with `contrastive_config(...)`; `smoke(config)` turns any of
-them into the few-step CPU run on Fashion-MNIST that the tests train. The layout:
+of the open points) and builds it with `contrastive_config(...)` (MoCo-style methods) or
+`multicrop_config(...)` (DINO-style); `smoke(config)` turns any of them into the few-step CPU
+run on Fashion-MNIST that the tests train. The layout:
 
-  method            'mocov2' | 'disco' | 'retro'
+  method            'mocov2' | 'disco' | 'retro' | 'dino' | 'rob_dino' | 'rob_msn'
   seed, global_batch_size, epochs, total_steps (> 0 overrides epochs)
   objective         the objective's Config fields (retro_jax/objectives/<method>.py)
   student           name, kwargs (backbone options), head_hidden (mocov2/disco), adapter and
-                    adapter_kwargs (retro)
-  teacher           checkpoint (a `convert` output), random_spec (smoke runs only)
+                    adapter_kwargs (retro); head (DINO-style head options) and
+                    token_drop_ratio (rob_msn)
+  dino              teacher_momentum, freeze_last_layer_epochs (method 'dino' only)
+  teacher           checkpoint (a `convert` output), random_spec (smoke runs only), dtype
+                    ('float32' | 'bfloat16'), bn_mode ('eval' | 'batch'): retro_jax/train/teacher.py
   data              dataset ('tfds:NAME' | 'folder:PATH'), split, data_dir, process_invariant,
                     shuffle_buffer, augmentation (a presets.preset)
   input             mean, std recorded with the exported student
@@ -57,10 +61,16 @@ def contrastive_config(method: str, student: str, *, optimizer: str, epochs: int
     config.student.adapter_kwargs = adapter_kwargs or {}
   else:
     config.student.head_hidden = head_hidden or 0  # 0: the backbone's width (MoCo-v2)
-  config.teacher = dict(checkpoint="", random_spec=None)
+  _common(config, optimizer, presets.preset("mocov2"))
+  return config
+
+
+def _common(config: ml_collections.ConfigDict, optimizer: str,
+            augmentation: ml_collections.ConfigDict) -> None:
+  """The teacher, data, optimiser, logging and monitor sections every recipe has."""
+  config.teacher = dict(checkpoint="", random_spec=None, dtype="float32", bn_mode="eval")
   config.data = dict(dataset="tfds:imagenet2012", split="train", data_dir="",
-                     process_invariant=False, shuffle_buffer=10_000,
-                     augmentation=presets.preset("mocov2"))
+                     process_invariant=False, shuffle_buffer=10_000, augmentation=augmentation)
   config.input = dict(mean=list(presets.IMAGENET_MEAN), std=list(presets.IMAGENET_STD))
   config.optimizer = optim.recipe_config(optimizer)
   config.log_every_steps = 100
@@ -69,11 +79,65 @@ def contrastive_config(method: str, student: str, *, optimizer: str, epochs: int
   # Online k-NN monitor on the labelled splits of the same dataset (0 = off).
   config.monitor = dict(every_steps=5000, k=200, batch_size=256, bank_split="train",
                         test_split="validation", augmentation=presets.preset("eval"))
+
+
+def multicrop_config(method: str, student: str, *, optimizer: str, epochs: int,
+                     global_batch_size: int, augmentation: ml_collections.ConfigDict,
+                     head: dict, student_kwargs: dict | None = None,
+                     token_drop_ratio: float = 0.0) -> ml_collections.ConfigDict:
+  """An unlocked ImageNet config of 'dino', 'rob_dino' or 'rob_msn' (multi-crop views)."""
+  config = ml_collections.ConfigDict()
+  config.method = method
+  config.seed = 0
+  config.global_batch_size = global_batch_size
+  config.epochs = epochs
+  config.total_steps = 0
+  config.objective = {}  # the objective's defaults are the recipe's (objectives/<method>.py)
+  config.student = dict(name=student, kwargs=student_kwargs or {}, head=head,
+                        token_drop_ratio=token_drop_ratio)
+  if method == "dino":
+    config.dino = dict(teacher_momentum=0.996, freeze_last_layer_epochs=1)
+  _common(config, optimizer, augmentation)
   return config
 
 
+# Smoke-run teachers: random ViT-Tiny encoders at 32 px with small heads.
+_SMOKE_VIT = dict(architecture="vit_tiny_patch16", backbone_kwargs={"img_size": 32})
+_SMOKE_TEACHERS = {
+    "rob_dino": dict(_SMOKE_VIT, head_kind="dino", head_kwargs={
+        "in_features": 192, "out_features": 256, "hidden_features": 256,
+        "bottleneck_features": 64, "norm_last_layer": True}),
+    "rob_msn": dict(_SMOKE_VIT, head_kind="msn", head_kwargs={
+        "in_features": 192, "num_prototypes": 64, "hidden_features": 256,
+        "out_features": 64}),
+}
+
+
+def _smoke_multicrop(config: ml_collections.ConfigDict) -> None:
+  """Two 32 px global and two 16 px local crops; small heads; a random ViT-Tiny teacher."""
+  name = {"dino": "dino", "rob_dino": "rob_dino", "rob_msn": "msn"}[config.method]
+  config.data.augmentation = presets.preset(name, global_size=32, local_size=16,
+                                            num_local_crops=2)
+  if config.student.name.startswith("vit"):
+    config.student.kwargs.img_size = 32
+  config.student.head.hidden_features = 256
+  if config.method == "dino":
+    config.student.head.out_features = 256
+    config.student.head.bottleneck_features = 64
+  elif config.method == "rob_dino":
+    config.student.head.bottleneck_features = 64
+  else:
+    config.objective.num_prototypes = 64
+  if config.method in _SMOKE_TEACHERS:
+    config.teacher.random_spec = _SMOKE_TEACHERS[config.method]
+  config.optimizer.warmup_epochs = 0  # the recipes' warm-up is longer than the smoke run
+
+
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A few CPU steps on 32 px Fashion-MNIST, batch 16, with a random ResNet-18 teacher.
+  """A few CPU steps on 32 px Fashion-MNIST, batch 16, with a random teacher.
+
+  MoCo-style recipes get a random ResNet-18 teacher and two 32 px views; DINO-style ones two
+  32 px global and two 16 px local crops and a random ViT-Tiny teacher with small heads.
 
   It checks the wiring, not the result; prepare the data first with
   `python -m retro_jax data prepare fashion_mnist` (and pass `--config.data.data_dir` if it
@@ -81,15 +145,18 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """
   config.global_batch_size = 16
   config.total_steps = 4
-  config.objective.queue_size = 64
-  if config.method != "mocov2":
-    config.teacher.random_spec = dict(
-        architecture="resnet18", backbone_kwargs={"low_res_stem": True}, head_kind="mlp",
-        head_kwargs={"dims": [512, 512, 128]})
+  if "student" in config and "head" in config.student:
+    _smoke_multicrop(config)
+  else:
+    config.objective.queue_size = 64
+    if config.method != "mocov2":
+      config.teacher.random_spec = dict(
+          architecture="resnet18", backbone_kwargs={"low_res_stem": True}, head_kind="mlp",
+          head_kwargs={"dims": [512, 512, 128]})
+    config.data.augmentation = presets.preset("mocov2_lowres", size=32)
   config.data.dataset = "tfds:fashion_mnist"
   config.data.split = "train[:256]"
   config.data.shuffle_buffer = 256
-  config.data.augmentation = presets.preset("mocov2_lowres", size=32)
   config.log_every_steps = 1
   config.checkpoint_every_steps = 2
   config.monitor.every_steps = 2

@@ -12,7 +12,8 @@ Inside the step, in this order: the photometric half of the augmentation on the 
 example's draw from (seed, step, example index)); the method's momentum update; the loss and
 its gradient with respect to `trainable` only (the teacher's state is an argument that is
 never differentiated, so its head, reused by Retro, gets no gradient and is never updated);
-the optax update.
+the method's gradient adjustment (DINO's early freezing of the head's last layer); the optax
+update.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from flax import struct
+
+
+# fold_in index of the model's random stream (the augmentation uses the view indices 0, 1, ...).
+_MODEL_STREAM = 1_000_003
 
 
 class TrainState(struct.PyTreeNode):
@@ -57,7 +62,8 @@ def make_train_step(method, graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphD
   """The pure step function (not yet jitted: `jit_train_step` adds the shardings).
 
   Args:
-    method: the method object (`loss`, `momentum_update`).
+    method: the method object: `momentum_update(model, step)`, `loss(model, teacher, views,
+      objective_state, step=, key=)`, `adjust_gradients(grads, step)`.
     graphdef: the student container's structure.
     teacher_graphdef: the teacher's structure, or None for methods without one.
     trainable_filter: the nnx filter `graphdef` was split with.
@@ -68,21 +74,25 @@ def make_train_step(method, graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphD
   def train_step(state: TrainState, teacher_state, batch: dict[str, Any]):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     views = augment(key, batch["views"], batch["index"])
-    teacher = None
-    if teacher_graphdef is not None:
-      teacher = nnx.merge(teacher_graphdef, teacher_state)
-
     model = nnx.merge(graphdef, state.trainable, state.rest)
-    method.momentum_update(model)
+    method.momentum_update(model, state.step)
     _, _, rest = nnx.split(model, trainable_filter, ...)
+    # Random draws of the model (token dropping) use their own stream of the step's key.
+    model_key = jax.random.fold_in(key, _MODEL_STREAM)
 
     def loss_fn(trainable):
       model = nnx.merge(graphdef, trainable, rest, copy=True)
-      loss, metrics, objective = method.loss(model, teacher, views, state.objective)
+      # Merged here, inside the differentiated function, so a teacher in batch-statistics
+      # mode may write its (discarded) running statistics.
+      teacher = (None if teacher_graphdef is None
+                 else nnx.merge(teacher_graphdef, teacher_state, copy=True))
+      loss, metrics, objective = method.loss(model, teacher, views, state.objective,
+                                             step=state.step, key=model_key)
       _, _, new_rest = nnx.split(model, trainable_filter, ...)
       return loss, (metrics, objective, new_rest)
 
     grads, (metrics, objective, rest) = jax.grad(loss_fn, has_aux=True)(state.trainable)
+    grads = method.adjust_gradients(grads, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))

@@ -242,7 +242,8 @@ def test_one_and_eight_devices_give_the_same_parameters(small_retro):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["effb0", "mobilenetv3", "disco_effb0", "mocov2_r50"])
+@pytest.mark.parametrize("name", ["effb0", "mobilenetv3", "disco_effb0", "mocov2_r50",
+                                  "rob_dino_vit_tiny", "rob_msn_vit_small", "dino_vit_small"])
 def test_every_config_trains_two_smoke_steps(name, fashion_mnist_tfds, tmp_path, capsys):
   config = str(pathlib.Path(CONFIG).parent / f"{name}.py")
   args = ["--config", f"{config}:smoke", "--workdir", str(tmp_path / name),
