@@ -18,7 +18,10 @@ SUBCOMMANDS: dict[str, str] = {
     "convert": "PyTorch checkpoint (torchvision, timm, MoCo, DINO) -> retro_jax model directory",
     "data": "prepare TFDS datasets offline (fashion_mnist from Debian's dataset-fashion-mnist); list them",
     "embed": "run a model directory on an .npy array of images: features or embeddings",
+    "evaluate": "k-NN and linear-probe accuracy of a model directory (also semi-supervised)",
+    "export": "a trained student (workdir) -> model directory (Orbax) or PyTorch state dict",
     "info": "print versions, devices and settings (paste it into bug reports)",
+    "report": "write a run's report.md and plots (losses, schedules, k-NN) from its metrics.jsonl",
 }
 
 

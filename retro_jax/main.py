@@ -1,6 +1,7 @@
 """`python -m retro_jax.main --config configs/NAME.py[:VARIANT] --workdir DIR [--config.KEY=VALUE ...]`
 
-Trains (or resumes) the run a config file describes. The config is an ml_collections file
+Trains (or resumes) the run a config file describes (`config.task`: 'pretrain', the default,
+'finetune', configs/finetune.py, or 'quickstart', configs/quickstart.py). The config is an ml_collections file
 whose `get_config(variant)` returns a locked ConfigDict, so a misspelt `--config.key` is an
 error; values derived from it (steps, schedules, scaled learning rate) are computed by the
 trainer from the final, overridden config. The resolved config is printed and written to
@@ -96,12 +97,26 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.main") 
   from retro_jax.data.sources import DataSourceError  # pylint: disable=g-import-not-at-top
   from retro_jax.train import loop  # pylint: disable=g-import-not-at-top
 
+  task = config.get("task", "pretrain")
+  if task == "finetune":  # configs/finetune.py: fine-tuning or the augmented linear protocol
+    from retro_jax.evaluate import finetune  # pylint: disable=g-import-not-at-top
+    run = finetune.run
+  elif task == "quickstart":  # configs/quickstart.py: teacher, student, evaluation, export
+    from retro_jax import quickstart  # pylint: disable=g-import-not-at-top
+    run = quickstart.run
+  elif task == "pretrain":
+    run = loop.train
+  else:
+    print(f"{prog}: config.task must be 'pretrain', 'finetune' or 'quickstart', got {task!r}",
+          file=sys.stderr)
+    return 1
+
   resolved = config.to_json_best_effort(indent=2, sort_keys=True)
   print(f"config ({values['config'].config_filename}):\n{resolved}", flush=True)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(resolved + "\n")
   try:
-    final = loop.train(config, workdir)
+    final = run(config, workdir)
   except (loop.ConfigError, DataSourceError, ModelDirectoryError, TrainCheckpointError,
           ValueError) as error:
     print(f"{prog}: {error}", file=sys.stderr)

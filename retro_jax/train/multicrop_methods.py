@@ -134,7 +134,9 @@ class MultiCropMethod:
       if "out_features" not in options:
         raise ValueError("student.head.out_features (DINO's K prototypes) is required")
       head = DINOHead(width, options.pop("out_features"), **options, rngs=rngs)
-      ema_backbone = create_backbone(self.student, rngs=rngs, **self.student_kwargs)
+      # DINO builds its teacher without stochastic depth (`drop_path_rate` only on the student).
+      ema_kwargs = {k: v for k, v in self.student_kwargs.items() if k != "drop_path_rate"}
+      ema_backbone = create_backbone(self.student, rngs=rngs, **ema_kwargs)
       ema_head = DINOHead(width, head.out_features, **options, rngs=rngs)
       for target, source in ((ema_backbone, backbone), (ema_head, head)):
         nnx.update(target, jax.tree.map(jnp.copy, nnx.state(source, nnx.Param)))
