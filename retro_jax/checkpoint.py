@@ -138,6 +138,13 @@ def _restore_key(target: Any, restored: Any) -> Any:
   return jax.random.wrap_key_data(restored, impl=target.dtype._impl)  # pylint: disable=protected-access
 
 
+def _as_abstract(leaf: Any) -> Any:
+  """A live array's shape, dtype and sharding (what a restore fills in); others unchanged."""
+  if isinstance(leaf, jax.Array):
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+  return leaf
+
+
 class TrainCheckpointError(RuntimeError):
   """A training checkpoint cannot be written or read back."""
 
@@ -196,6 +203,7 @@ class TrainCheckpoints:
     """Checkpoint `step` (default: the latest) read into the shapes, dtypes and shardings of
     `abstract_state` (a pytree of jax.ShapeDtypeStruct, e.g. from jax.eval_shape, or arrays)."""
     step = self._step(step)
+    abstract_state = jax.tree.map(_as_abstract, abstract_state)
     args = ocp.args.Composite(**{
         self.STATE: ocp.args.StandardRestore(_keys_as_data(abstract_state)),
         self.RECORD: ocp.args.JsonRestore()})

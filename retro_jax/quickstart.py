@@ -106,7 +106,8 @@ def _evaluate(config: ml_collections.ConfigDict, models: dict[str, pathlib.Path]
     role_rows = evaluate_cli.evaluate_model(
         model_dir, dataset="tfds:fashion_mnist", data_dir=config.data_dir or None,
         train_split=evaluation.train_split, test_split=evaluation.test_split,
-        protocols=tuple(evaluation.protocols), image_size=evaluation.image_size,
+        protocols=tuple(evaluation.protocols), features=tuple(evaluation.features),
+        image_size=evaluation.image_size,
         linear_epochs=evaluation.linear_epochs, linear_lr=evaluation.linear_lr,
         linear_batch_size=evaluation.linear_batch_size, batch_size=evaluation.batch_size,
         seed=config.seed, log=_log)

@@ -45,6 +45,7 @@ def test_quickstart_runs_every_stage_and_resumes(fashion_mnist_tfds, tmp_path, c
     rows += json.loads((workdir / "evaluation" / f"{role}.json").read_text())
   assert {(r["model"], r["protocol"]) for r in rows} == {
       (m, p) for m in ("teacher", "student") for p in ("knn_k20", "knn_k200", "linear")}
+  assert {r["features"] for r in rows} == {"backbone", "embedding"}
   for row in rows:
     assert 0.0 <= row["top1"] <= row["top5"] <= 100.0
     assert row["test_examples"] == 256

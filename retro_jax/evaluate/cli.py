@@ -264,6 +264,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.evaluat
                 "seconds": time.perf_counter() - started, "results": rows}
     (args.out / "results.json").write_text(json.dumps(document, indent=2) + "\n")
     print(f"wrote {args.out / 'results.json'}", file=sys.stderr)
+    from retro_jax import report  # pylint: disable=g-import-not-at-top
+    columns = ("protocol", "features", "top1", "top5", "train_examples", "test_examples")
+    path = report.write_results_report(
+        args.out, f"Evaluation of {args.checkpoint} on {args.dataset}",
+        [{c: row.get(c) for c in columns} for row in rows])
+    print(f"wrote {path}", file=sys.stderr)
   return 0
 
 

@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 
 from retro_jax import checkpoint
+from retro_jax import report
 from retro_jax.data import pipeline as pipeline_lib
 from retro_jax.data import sources
 from retro_jax.data.presets import Augmentation
@@ -225,9 +226,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     if record.get("run") != identity:
       raise FinetuneError(f"the checkpoint in {checkpoints.directory} belongs to another run "
                           f"({record.get('run')}); this one is {identity}: use a new workdir")
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                           sharding=x.sharding), state)
-    state, record = checkpoints.restore(abstract)
+    state, record = checkpoints.restore(state)  # into the fresh state's shapes and shardings
     start_step = int(record["step"])
     print(f"resuming from step {start_step} ({checkpoints.directory})", flush=True)
 
@@ -306,6 +305,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
     (workdir / "results.json").write_text(json.dumps(
         {**result, "test_examples": int(len(labels)), "num_classes": num_classes,
          "train_examples": source.num_examples, **identity}, indent=2) + "\n")
+    try:
+      print(f"report: {report.write_report(workdir, extra=result)}", flush=True)
+    except report.ReportError as error:
+      print(f"report: not written: {error}", flush=True)
   return result
 
 

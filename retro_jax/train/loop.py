@@ -153,9 +153,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       raise ConfigError(f"the checkpoint in {checkpoints.directory} was trained with teacher "
                         f"{record.get('teacher')}, this run has {teacher_identity}; use a new "
                         "workdir or the original teacher")
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                           sharding=x.sharding), state)
-    state, record = checkpoints.restore(abstract)
+    state, record = checkpoints.restore(state)  # into the fresh state's shapes and shardings
     start_step = int(record["step"])
     print(f"resuming from step {start_step} ({checkpoints.directory})", flush=True)
 

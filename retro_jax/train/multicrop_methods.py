@@ -207,7 +207,9 @@ class MultiCropMethod:
       return dino.loss(state, student, targets, step // self.steps_per_epoch,
                        config=self.objective)
     x = teacher_lib.as_input(teacher, jnp.concatenate(globals_))
-    targets = teacher.head(teacher.backbone(x).pooled).astype(jnp.float32)
+    # The head runs in float32 even for a bfloat16 teacher: its softmax at temperature 0.025
+    # (MSN) or over 65,536 prototypes (DINO) would lose too much in bfloat16.
+    targets = teacher.head(teacher.backbone(x).pooled.astype(jnp.float32))
     targets = jax.lax.stop_gradient(jnp.stack(jnp.split(targets, len(globals_))))
     loss_fn = rob_dino.loss if self.name == "rob_dino" else rob_msn.loss
     return loss_fn(state, student, targets, config=self.objective)

@@ -38,17 +38,23 @@ _CONTRASTIVE = dict(temperature=0.2, queue_size=65536, embed_dim=128, momentum=0
 _CONSISTENCY = dict(consistency_weight=32.0, contrastive_weight=1.0)
 
 
-def contrastive_config(method: str, student: str, *, optimizer: str, epochs: int = 200,
-                       global_batch_size: int = 256, student_kwargs: dict | None = None,
-                       head_hidden: int | None = None, adapter: str = "inverted_residual",
-                       adapter_kwargs: dict | None = None) -> ml_collections.ConfigDict:
-  """An unlocked ImageNet config of `method` with `student` and the MoCo-v2 augmentation."""
+def _run(method: str, epochs: int, global_batch_size: int) -> ml_collections.ConfigDict:
+  """The top of every recipe: method, seed, batch and length (total_steps > 0 wins)."""
   config = ml_collections.ConfigDict()
   config.method = method
   config.seed = 0
   config.global_batch_size = global_batch_size
   config.epochs = epochs
   config.total_steps = 0
+  return config
+
+
+def contrastive_config(method: str, student: str, *, optimizer: str, epochs: int = 200,
+                       global_batch_size: int = 256, student_kwargs: dict | None = None,
+                       head_hidden: int | None = None, adapter: str = "inverted_residual",
+                       adapter_kwargs: dict | None = None) -> ml_collections.ConfigDict:
+  """An unlocked ImageNet config of `method` with `student` and the MoCo-v2 augmentation."""
+  config = _run(method, epochs, global_batch_size)
   objective: dict[str, Any] = dict(_CONTRASTIVE)
   if method != "mocov2":
     objective.update(_CONSISTENCY)
@@ -86,12 +92,7 @@ def multicrop_config(method: str, student: str, *, optimizer: str, epochs: int,
                      head: dict, student_kwargs: dict | None = None,
                      token_drop_ratio: float = 0.0) -> ml_collections.ConfigDict:
   """An unlocked ImageNet config of 'dino', 'rob_dino' or 'rob_msn' (multi-crop views)."""
-  config = ml_collections.ConfigDict()
-  config.method = method
-  config.seed = 0
-  config.global_batch_size = global_batch_size
-  config.epochs = epochs
-  config.total_steps = 0
+  config = _run(method, epochs, global_batch_size)
   config.objective = {}  # the objective's defaults are the recipe's (objectives/<method>.py)
   config.student = dict(name=student, kwargs=student_kwargs or {}, head=head,
                         token_drop_ratio=token_drop_ratio)

@@ -19,6 +19,7 @@ from retro_jax.models.encoder import build_encoder
 from retro_jax.models.heads import DINOHead
 from retro_jax.objectives import dino
 from retro_jax.objectives import rob_dino
+from retro_jax.objectives import rob_msn
 from retro_jax.train import teacher as teacher_lib
 from retro_jax.train.multicrop_methods import MultiCropMethod
 from retro_jax.train.multicrop_methods import _size_groups
@@ -150,3 +151,26 @@ def test_batch_mode_teacher_uses_batch_statistics_and_keeps_its_running_ones(ima
 def test_unknown_teacher_settings_are_refused(teacher, message):
   with pytest.raises(teacher_lib.TeacherConfigError, match=message):
     teacher_lib.load_teacher(_teacher_config(**teacher), needs_teacher=True)
+
+
+def test_rob_msn_loss_with_a_bfloat16_teacher_matches_float32():
+  teacher = _vit_teacher("msn", {"in_features": 192, "num_prototypes": 16,
+                                 "hidden_features": 32, "out_features": 8})
+  teacher.eval()
+  method = MultiCropMethod("rob_msn", rob_msn.Config(num_prototypes=16), "vit_tiny_patch16",
+                           student_kwargs={"img_size": 32}, head={"hidden_features": 32},
+                           token_drop_ratio=0.25)
+  student = method.build(teacher, rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(0)
+  views = tuple(jnp.asarray(rng.normal(size=(2, s, s, 3)), jnp.float32)
+                for s in (32, 32, 16, 16))
+  graphdef, state = nnx.split(teacher)
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    merged = nnx.merge(graphdef, teacher_lib.cast_state(state, dtype))
+    loss, metrics, _ = method.loss(student, merged, views, rob_msn.init_state(),
+                                   step=jnp.asarray(0), key=jax.random.key(0))
+    losses[dtype] = float(loss)
+    assert np.isfinite(float(metrics["teacher_entropy"]))
+  assert losses["bfloat16"] != losses["float32"]
+  np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
