@@ -41,10 +41,11 @@ def test_quickstart_runs_every_stage_and_resumes(fashion_mnist_tfds, tmp_path, c
 
   # Evaluation rows: k-NN (k = 20, 200) and the linear probe for both models, as printed.
   rows = []
-  for role in ("teacher", "student"):
+  for role in ("teacher", "student", "student_at_init"):
     rows += json.loads((workdir / "evaluation" / f"{role}.json").read_text())
+  models = ("teacher", "student", "student at init")
   assert {(r["model"], r["protocol"]) for r in rows} == {
-      (m, p) for m in ("teacher", "student") for p in ("knn_k20", "knn_k200", "linear")}
+      (m, p) for m in models for p in ("knn_k20", "knn_k200", "linear")}
   assert {r["features"] for r in rows} == {"backbone", "embedding"}
   for row in rows:
     assert 0.0 <= row["top1"] <= row["top5"] <= 100.0
@@ -66,6 +67,6 @@ def test_quickstart_runs_every_stage_and_resumes(fashion_mnist_tfds, tmp_path, c
   # Again: everything is found done; nothing is trained or evaluated a second time.
   assert main_lib.main(args) == 0
   again = capsys.readouterr().out
-  assert again.count("skipped") >= 5
+  assert again.count("skipped") >= 6
   assert "first step" not in again
   assert "| student | linear |" in again
