@@ -18,7 +18,8 @@ Open points and the reading used:
     examples (its gradient is 32 x that of the per-sample mean at batch 256 on 8 GPUs).
   * batch norm synchronised over the global batch (the reference: per-GPU, shuffle-BN keys).
 
-Variants: `:smoke` trains 4 steps on CPU (retro_jax.train.recipes.smoke).
+Variants: `:smoke` trains 4 steps on CPU with a ResNet-18 student (retro_jax.train.recipes.smoke;
+EfficientNet-B0 itself is smoke-tested by configs/effb0.py).
 """
 
 from __future__ import annotations
@@ -29,4 +30,7 @@ from retro_jax.train import recipes
 def get_config(variant: str | None = None):
   config = recipes.contrastive_config("disco", "efficientnet_b0", optimizer="disco",
                                       head_hidden=2048)
+  if variant == "smoke":  # DisCo's wiring; EfficientNet-B0 itself is smoke-tested by effb0.py
+    config.student.name = "resnet18"
+    config.student.kwargs = {"low_res_stem": True}
   return recipes.finish(config, variant, "configs/disco_effb0.py")
