@@ -119,10 +119,6 @@ class MultiCropMethod:
   def needs_teacher(self) -> bool:
     return self.name != "dino"
 
-  @property
-  def num_prototypes(self) -> int | None:
-    return self.head.get("out_features") if self.name == "dino" else None
-
   def build(self, teacher: nnx.Module | None, *, rngs: nnx.Rngs) -> MultiCropStudent:
     backbone = create_backbone(self.student, rngs=rngs, **self.student_kwargs)
     if self.token_drop_ratio and not isinstance(backbone, VisionTransformer):
