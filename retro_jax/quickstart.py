@@ -29,6 +29,8 @@ from typing import Any
 
 import ml_collections
 
+from retro_jax.export import STAGES_JSON  # the file `export` reads (export imports no JAX)
+
 STAGES = {"teacher": "teacher_mocov2", "student": "student_retro"}
 FINAL_STAGE = "student"
 
@@ -176,8 +178,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   started = time.perf_counter()
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "stages.json").write_text(json.dumps({"final": FINAL_STAGE, "stages": STAGES},
-                                                  indent=2) + "\n")
+  (workdir / STAGES_JSON).write_text(json.dumps({"final": FINAL_STAGE, "stages": STAGES},
+                                                indent=2) + "\n")
   _prepare_data(config)
   teacher = _train_stage(config, "teacher", workdir)
   student = _train_stage(config, "student", workdir, teacher_dir=teacher)

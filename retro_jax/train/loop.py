@@ -69,11 +69,11 @@ def objective_config(config: ml_collections.ConfigDict):
     raise ConfigError(f"objective: {error}") from None
 
 
-def build_method(config: ml_collections.ConfigDict, *, steps_per_epoch: int,
+def build_method(config: ml_collections.ConfigDict, objective, *, steps_per_epoch: int,
                  total_steps: int) -> ContrastiveMethod | MultiCropMethod:
-  """The method object of `config.method` with its objective and model choices."""
+  """The method object of `config.method` with its objective (`objective_config`) and model
+  choices."""
   student = config.student
-  objective = objective_config(config)
   if config.method in MULTICROP_METHODS:
     dino_options = config.get("dino") or {}
     try:
@@ -111,9 +111,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   if hasattr(objective, "queue_size"):
     contrastive.check_queue_size(objective.queue_size, global_batch)
 
-  # Teacher, data.
-  teacher, teacher_identity = teacher_lib.load_teacher(
-      config, needs_teacher=config.method not in ("mocov2", "dino"))
+  # Data, method, teacher.
   augmentation = Augmentation.from_config(config.data.augmentation)
   source = sources.open_source(config.data.dataset, config.data.get("split") or None,
                                config.data.get("data_dir") or None)
@@ -122,7 +120,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                       f"global batch of {global_batch}")
   steps_per_epoch = source.num_examples // global_batch
   total_steps = _steps(config, steps_per_epoch)
-  method = build_method(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  method = build_method(config, objective, steps_per_epoch=steps_per_epoch,
+                        total_steps=total_steps)
+  teacher, teacher_identity = teacher_lib.load_teacher(config,
+                                                       needs_teacher=method.needs_teacher)
 
   # Model, optimiser, state.
   model = method.build(teacher, rngs=nnx.Rngs(config.seed))
