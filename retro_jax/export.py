@@ -155,7 +155,13 @@ def torch_recipe(architecture: str, backbone_kwargs: dict[str, Any]) -> dict[str
       imports.append("import functools")
       constructor_kwargs["norm_layer"] = _Literal(
           f"functools.partial(torch.nn.BatchNorm2d, eps={eps!r}, momentum={momentum!r})")
-    lines.append("model.classifier = torch.nn.Identity()")
+    if family == "mobilenet_v3" and kwargs.pop("conv_head", False):
+      # Our conv head is torchvision's classifier.0 (Linear) + classifier.1 (Hardswish).
+      lines.append("model.classifier = model.classifier[:2]")
+      notes.append("conv_head: the backbone ends with classifier[:2] (Linear + Hardswish on "
+                   "the pooled feature), timm's conv_head + act2")
+    else:
+      lines.append("model.classifier = torch.nn.Identity()")
     if in_channels != 3:
       lines.append(f"model.features[0][0] = torch.nn.Conv2d({in_channels}, "
                    f"{_STEM_CHANNELS[family]}, kernel_size=3, stride=2, padding=1, bias=False)")

@@ -313,3 +313,28 @@ def test_torch_export_without_torch_says_how_to_install_it(trained, tmp_path, ca
 
 def test_registered_in_the_front_door():
   assert "export" in cli.SUBCOMMANDS
+
+
+def test_torch_export_of_mobilenet_v3_with_conv_head(tmp_path, monkeypatch):
+  """`conv_head=True` (timm's head stage, as Retro's student) exports as classifier[:2]."""
+  torch.manual_seed(0)
+  reference = torchvision.models.mobilenet_v3_large()
+  reference.classifier = reference.classifier[:2]
+  reference = randomise(reference, seed=1)
+  spec = EncoderSpec("mobilenet_v3_large", {"conv_head": True, "bn_eps": 1e-5,
+                                            "bn_momentum": 0.1})
+  model = abstract_encoder(spec)
+  load_state_dict(model.backbone, reference.state_dict())
+  model.eval()
+  save_student(tmp_path / "run", model, spec)
+  assert run_export("--workdir", tmp_path / "run", "--out", tmp_path / "out" / "student.pt",
+                    "--format", "torch") == 0
+  description = json.loads((tmp_path / "out" / "student.json").read_text())
+  assert "model.classifier = model.classifier[:2]" in description["python"]
+  rebuilt = build_from_json(tmp_path / "out" / "student.json", monkeypatch)  # strict=True
+  images = random_images(32, seed=3)
+  with torch.no_grad():
+    got = rebuilt(nchw(images)).numpy()
+  expected = _forward(model, jnp.asarray(images)).features
+  assert got.shape == expected.shape == (2, description["feature_width"]) == (2, 1280)
+  assert relative_error(got, expected) <= RTOL

@@ -1,4 +1,5 @@
-"""MobileNetV3-Large/Small in torchvision's layout, up to the global average pool.
+"""MobileNetV3-Large/Small in torchvision's layout, up to the global average pool (or timm's
+conv head after it).
 
 The attribute tree mirrors torchvision's `MobileNetV3.features`: `features.0` is the stem
 (conv `0`, BatchNorm `1`, Hardswish), then one `InvertedResidual` per entry
@@ -11,6 +12,16 @@ BatchNorm defaults are torchvision's (eps 1e-3, momentum 0.01). timm's
 `mobilenetv3_large_100` / `mobilenetv3_small_100` are the same network with eps 1e-5 (and
 momentum 0.1): build them with `bn_eps=1e-5, bn_momentum=0.1`
 (`retro_jax.convert.timm_layout.timm_backbone_kwargs` says so per architecture).
+
+`conv_head=True` adds timm's head stage to the backbone: after the global pool, `conv_head`
+(a 1x1 convolution with bias, 960 -> 1280 for Large, 576 -> 1024 for Small) and `act2`
+(Hardswish). The backbone's feature map is then that (B, 1, 1, 1280) output, which is what
+the Retro and DisCo code's timm `MobileNetV3.forward_features` returns (`global_pool`,
+`conv_head`, `act2`: Reused-Teacher-Projector `DisCo/models/mobilenetv3.py` lines 129-136)
+and what their adapter / head consumes. A 1x1 convolution on a 1x1 map is a Linear on the
+pooled feature, so the parameters sit where torchvision keeps that same Linear,
+`classifier.0` (torchvision's `classifier[:2]` is timm's `conv_head` + `act2`), initialised
+as timm initialises `conv_head` (normal, std sqrt(2 / fan_out), zero bias).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from retro_jax.models.efficientnet import Activation
+from retro_jax.models.efficientnet import CONV_INIT
 from retro_jax.models.efficientnet import ConvNormAct
 from retro_jax.models.efficientnet import SqueezeExcitation
 from retro_jax.models.efficientnet import make_divisible
@@ -82,6 +94,10 @@ BLOCKS: dict[str, tuple[BlockConfig, ...]] = {
 }
 
 
+# timm's `num_features` after `conv_head` (torchvision's classifier hidden width).
+HEAD_FEATURES = {"large": 1280, "small": 1024}
+
+
 class InvertedResidual(nnx.Module):
   """torchvision's MobileNetV3 block: [expand 1x1 (if widened), depthwise, SE?, project 1x1].
 
@@ -118,11 +134,15 @@ class MobileNetV3(nnx.Module):
 
   Attributes:
     features: torchvision's `features`: stem, inverted residual blocks, final 1x1 conv.
-    feature_width: channels of the last feature map (960 Large, 576 Small).
+    classifier: with `conv_head`, [Linear(960 -> 1280)] (torchvision's `classifier.0`,
+      timm's `conv_head`); otherwise None.
+    feature_width: channels of the feature map (960 Large, 576 Small; 1280 / 1024 with
+      `conv_head`).
   """
 
   def __init__(self, variant: str, *, bn_eps: float = 1e-3, bn_momentum: float = 0.01,
-               in_channels: int = 3, dtype: Any = None, rngs: nnx.Rngs):
+               conv_head: bool = False, in_channels: int = 3, dtype: Any = None,
+               rngs: nnx.Rngs):
     """Builds the network with torchvision's initialisation.
 
     Args:
@@ -130,6 +150,8 @@ class MobileNetV3(nnx.Module):
       bn_eps: BatchNorm epsilon (torchvision 1e-3; timm 1e-5).
       bn_momentum: BatchNorm momentum in torch's convention, the weight of the batch
         statistic (torchvision 0.01; timm 0.1).
+      conv_head: end with timm's post-pool `conv_head` + Hardswish (module docstring): the
+        feature map becomes (B, 1, 1, 1280) for Large (1024 for Small).
       in_channels: image channels.
       dtype: computation dtype (e.g. jnp.bfloat16); parameters and batch statistics stay
         float32. Depthwise convolutions compute in float32.
@@ -143,15 +165,26 @@ class MobileNetV3(nnx.Module):
     layers: list[nnx.Module] = [ConvNormAct(in_channels, blocks[0].in_channels, 3, 2,
                                             activation=nnx.hard_swish, **norm)]
     layers.extend(InvertedResidual(config, **norm) for config in blocks)
-    self.feature_width = 6 * blocks[-1].out_channels
-    layers.append(ConvNormAct(blocks[-1].out_channels, self.feature_width, 1,
+    last_width = 6 * blocks[-1].out_channels
+    layers.append(ConvNormAct(blocks[-1].out_channels, last_width, 1,
                               activation=nnx.hard_swish, **norm))
     self.features = nnx.List(layers)
+    self.feature_width = HEAD_FEATURES[variant] if conv_head else last_width
+    self.classifier = nnx.List([nnx.Linear(last_width, self.feature_width,
+                                           kernel_init=CONV_INIT, dtype=dtype, rngs=rngs)]
+                               ) if conv_head else None
 
   def __call__(self, x: jax.Array) -> BackboneOutput:
-    """Maps NHWC images to the last feature map (stride 32) and its global average."""
+    """Maps NHWC images to the last feature map and its global average.
+
+    The map is the stride-32 one, or with `conv_head` the (B, 1, 1, C) output of timm's
+    pool -> conv_head -> Hardswish.
+    """
     for layer in self.features:
       x = layer(x)
+    if self.classifier is not None:
+      pooled = nnx.hard_swish(self.classifier[0](jnp.mean(x, axis=(1, 2))))
+      return BackboneOutput(feature_map=pooled[:, None, None, :], pooled=pooled)
     return BackboneOutput(feature_map=x, pooled=jnp.mean(x, axis=(1, 2)))
 
 

@@ -91,3 +91,36 @@ def test_batch_norm_eps_and_momentum_follow_the_source(source):
   assert len(ours) == len(theirs)
   assert [m.epsilon for m in ours] == [m.eps for m in theirs]
   assert [m.momentum for m in ours] == pytest.approx([1 - m.momentum for m in theirs])
+
+
+def test_conv_head_is_timms_forward_features_of_the_retro_code():
+  """`conv_head=True`: the (B, 1, 1, 1280) map the Retro code's adapter reads.
+
+  The Retro/DisCo student is timm's `mobilenetv3_large_100`, whose `forward_features` in
+  their copy of timm pools, then applies `conv_head` (960 -> 1280, with bias) and Hardswish
+  (Reused-Teacher-Projector `DisCo/models/mobilenetv3.py` lines 129-136); timm 1.0 does the
+  same in `forward_head(..., pre_logits=True)`.
+  """
+  torch.manual_seed(4)
+  reference = randomise(timm.create_model("mobilenetv3_large_100", pretrained=False), seed=5)
+  renamed = timm_to_torchvision_keys("mobilenetv3_large_100", reference.state_dict())
+  state = dict(renamed.backbone)
+  state["classifier.0.weight"] = reference.conv_head.weight.flatten(1)
+  state["classifier.0.bias"] = reference.conv_head.bias
+  model = _build("mobilenet_v3_large", state, conv_head=True,
+                 **timm_backbone_kwargs("mobilenetv3_large_100"))
+  assert model.feature_width == reference.conv_head.out_channels == 1280
+  assert num_params(model) == sum(p.numel() for k, p in reference.named_parameters()
+                                   if not k.startswith("classifier."))
+
+  def timm_head_stage(x):
+    x = reference.global_pool(reference.forward_features(x))
+    return reference.act2(reference.norm_head(reference.conv_head(x)))
+
+  images = random_images(64, seed=6)
+  pooled = assert_feature_parity(model, timm_head_stage, images)  # (2, 1, 1, 1280) maps
+  with torch.no_grad():
+    expected = reference.forward_head(reference.forward_features(nchw(images)), pre_logits=True)
+  assert relative_error(pooled, expected) <= 1e-5
+  # Without the head stage the backbone stays torchvision's: 960 channels, stride 32.
+  assert _abstract("mobilenet_v3_large").feature_width == 960
