@@ -166,9 +166,10 @@ class ContrastiveMethod:
     loss_fn = retro.loss if self.name == "retro" else disco.loss
     return loss_fn(state, q, qk, k, t_q, t_k, kq=kq, config=self.objective)
 
-  def adjust_gradients(self, grads: nnx.State, step: jax.Array) -> nnx.State:
-    del step
-    return grads
+  @property
+  def early_freeze(self) -> None:
+    """No tensor waits: every trainable tensor is updated from the first step."""
+    return None
 
   def export_backbone(self, model: ContrastiveStudent) -> nnx.Module:
     """The network handed on for downstream use: the student backbone."""

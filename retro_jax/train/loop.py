@@ -130,7 +130,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   model.train()
   tx, schedules = optim.build_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch,
                                         total_steps=total_steps,
-                                        global_batch_size=global_batch)
+                                        global_batch_size=global_batch,
+                                        freeze=method.early_freeze)
   trainable = method.trainable_filter()
   graphdef, state = step_lib.init_state(model, trainable, tx,
                                         method.init_state(jax.random.key(config.seed + 2)),

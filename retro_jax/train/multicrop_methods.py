@@ -17,7 +17,8 @@ DINO extras kept here: the teacher momentum follows `contrastive.cosine_momentum
 step; applying it at the start of the next step with the same count is the same sequence,
 shifted by the first step, where DINO's teacher equals the student anyway); the last layer of
 the student head gets no update during the first `freeze_last_layer_epochs` epochs
-(DINO's `cancel_gradients_last_layer`, 1 epoch by default).
+(DINO's `cancel_gradients_last_layer`, 1 epoch by default): the optimiser skips it as
+torch's AdamW skips a tensor without gradient (`early_freeze`, retro_jax/train/freeze.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from retro_jax.objectives import dino
 from retro_jax.objectives import rob_dino
 from retro_jax.objectives import rob_msn
 from retro_jax.train import teacher as teacher_lib
+from retro_jax.train.freeze import EarlyFreeze
+from retro_jax.train.optim import parameter_name
 
 METHODS = ("dino", "rob_dino", "rob_msn")
 
@@ -67,6 +70,12 @@ def drop_patch_tokens(tokens: jax.Array, ratio: float, key: jax.Array) -> jax.Ar
     raise ValueError(f"token drop ratio {ratio} leaves no patch of {num_patches}")
   kept = jax.random.permutation(key, num_patches)[:keep] + 1
   return jnp.concatenate([tokens[:, :1], jnp.take(tokens, kept, axis=1)], axis=1)
+
+
+def _head_last_layer(params) -> Any:
+  """True for the student head's last-layer tensors (DINO: '"last_layer" in name')."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: parameter_name(path).startswith("head.last_layer."), params)
 
 
 def _size_groups(views) -> list[tuple[int, int]]:
@@ -210,19 +219,18 @@ class MultiCropMethod:
     loss_fn = rob_dino.loss if self.name == "rob_dino" else rob_msn.loss
     return loss_fn(state, student, targets, config=self.objective)
 
-  def adjust_gradients(self, grads: nnx.State, step: jax.Array) -> nnx.State:
-    """DINO's `cancel_gradients_last_layer`: no update of head.last_layer in early epochs."""
+  @property
+  def early_freeze(self) -> EarlyFreeze | None:
+    """DINO's `cancel_gradients_last_layer`: head.last_layer waits for the first epochs.
+
+    Handed to the optimiser (`optim.build_optimizer(freeze=...)`), not applied to the
+    gradients: torch's AdamW skips a tensor whose grad is None (no decay, no moments, no step
+    count), which a zeroed gradient does not reproduce (retro_jax/train/freeze.py).
+    """
     if not self.freeze_last_layer_epochs:
-      return grads
-    frozen = step // self.steps_per_epoch < self.freeze_last_layer_epochs
-
-    def cancel(path, g):
-      names = [str(getattr(p, "key", p)) for p in path]
-      if "head" in names and "last_layer" in names:
-        return jnp.where(frozen, jnp.zeros_like(g), g)
-      return g
-
-    return jax.tree.map_with_path(cancel, grads)
+      return None
+    return EarlyFreeze(_head_last_layer,
+                       self.freeze_last_layer_epochs * self.steps_per_epoch)
 
   def export_backbone(self, model: MultiCropStudent) -> nnx.Module:
     return model.backbone

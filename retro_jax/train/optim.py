@@ -56,6 +56,9 @@ or a NumPy transcription of the reference code):
     warm-up, same unit as the lr.
   * Gradient clipping runs first (torch clips `.grad` before `optimizer.step()`), with
     torch's factor max_norm / (norm + 1e-6), which optax's clip_by_global_norm omits.
+  * `build_optimizer(..., freeze=EarlyFreeze(mask, steps))`: the selected tensors are
+    skipped for the first `steps` updates as torch skips a tensor whose `grad` is None (DINO's
+    last layer): no decay, no moment update, their own step count (retro_jax/train/freeze.py).
 
 Which recipe uses what (`RECIPES`, `recipe_config(name)`):
   retro, disco, moco_v2   SGD 0.9, lr 0.03, wd 1e-4 on every trainable tensor, cosine held per
@@ -92,6 +95,8 @@ import optax
 from flax import nnx
 
 from retro_jax.models.heads import FrozenParam
+from retro_jax.train.freeze import EarlyFreeze
+from retro_jax.train.freeze import freeze_early
 
 Schedule = Callable[[Any], jax.Array]
 
@@ -451,7 +456,7 @@ def clip_by_tensor_norm(max_norm: float) -> optax.GradientTransformation:
 
 
 def build_optimizer(config: Mapping[str, Any] | Any, *, steps_per_epoch: int, total_steps: int,
-                    global_batch_size: int | None = None
+                    global_batch_size: int | None = None, freeze: EarlyFreeze | None = None
                     ) -> tuple[optax.GradientTransformation, dict[str, Schedule]]:
   """Builds the optax transformation and its schedules from an optimizer config.
 
@@ -460,6 +465,8 @@ def build_optimizer(config: Mapping[str, Any] | Any, *, steps_per_epoch: int, to
     steps_per_epoch: optimizer steps per epoch (for warm-up, milestones, per-epoch values).
     total_steps: the run's length in steps (the cosine's end).
     global_batch_size: images per step over all hosts; needed for lr_scaling 'linear'.
+    freeze: tensors that get no update during the first steps, skipped as torch skips a
+      tensor whose `grad` is None (DINO's last layer; retro_jax/train/freeze.py).
 
   Returns:
     (tx, {"lr": schedule, "weight_decay": schedule}); `tx` takes only trainable parameters
@@ -474,23 +481,33 @@ def build_optimizer(config: Mapping[str, Any] | Any, *, steps_per_epoch: int, to
   lr, wd = _schedules(cfg, steps_per_epoch, total_steps, global_batch_size)
   mask = _mask_fn(cfg.exclude_from_weight_decay)
 
+  def update_rule(offset: int) -> list[optax.GradientTransformation]:
+    """Everything after clipping, its schedules read `offset` steps past its own count."""
+    lr_at, wd_at = lr, wd
+    if offset:
+      lr_at, wd_at = (lambda count: lr(count + offset)), (lambda count: wd(count + offset))
+    decay = []
+    if cfg.weight_decay or cfg.weight_decay_end:
+      decay = [optax.add_decayed_weights(wd_at, mask=mask)]
+    if cfg.name == "adamw":
+      parts = [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, eps_root=0.0), *decay]
+    else:
+      parts = decay
+      if cfg.name == "lars":
+        trust = optax.scale_by_trust_ratio(trust_coefficient=cfg.trust_coefficient)
+        parts.append(trust if mask is None else optax.masked(trust, mask))
+      if cfg.momentum:
+        parts.append(optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov))
+    return [*parts, optax.scale_by_learning_rate(lr_at)]
+
   parts = [reject_frozen_params()]
   if cfg.clip_grad_norm is not None:
     clip = clip_by_global_norm if cfg.clip_grad_mode == "global" else clip_by_tensor_norm
     parts.append(clip(cfg.clip_grad_norm))
-  decay = []
-  if cfg.weight_decay or cfg.weight_decay_end:
-    decay = [optax.add_decayed_weights(wd, mask=mask)]
-  if cfg.name == "adamw":
-    parts += [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, eps_root=0.0), *decay]
+  if freeze is None:
+    parts += update_rule(0)  # one flat chain: the optimizer state of earlier runs restores
   else:
-    parts += decay
-    if cfg.name == "lars":
-      trust = optax.scale_by_trust_ratio(trust_coefficient=cfg.trust_coefficient)
-      parts.append(trust if mask is None else optax.masked(trust, mask))
-    if cfg.momentum:
-      parts.append(optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov))
-  parts.append(optax.scale_by_learning_rate(lr))
+    parts.append(freeze_early(lambda offset: optax.chain(*update_rule(offset)), freeze))
   return optax.chain(*parts), {"lr": lr, "weight_decay": wd}
 
 

@@ -12,8 +12,8 @@ Inside the step, in this order: the photometric half of the augmentation on the 
 example's draw from (seed, step, example index)); the method's momentum update; the loss and
 its gradient with respect to `trainable` only (the teacher's state is an argument that is
 never differentiated, so its head, reused by Retro, gets no gradient and is never updated);
-the method's gradient adjustment (DINO's early freezing of the head's last layer); the optax
-update.
+the optax update (DINO's early freezing of the head's last layer lives in the optimiser:
+`method.early_freeze`, retro_jax/train/freeze.py).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def make_train_step(method, graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphD
 
   Args:
     method: the method object: `momentum_update(model, step)`, `loss(model, teacher, views,
-      objective_state, step=, key=)`, `adjust_gradients(grads, step)`.
+      objective_state, step=, key=)`.
     graphdef: the student container's structure.
     teacher_graphdef: the teacher's structure, or None for methods without one.
     trainable_filter: the nnx filter `graphdef` was split with.
@@ -92,7 +92,6 @@ def make_train_step(method, graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphD
       return loss, (metrics, objective, new_rest)
 
     grads, (metrics, objective, rest) = jax.grad(loss_fn, has_aux=True)(state.trainable)
-    grads = method.adjust_gradients(grads, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))

@@ -2,7 +2,8 @@
 
 The loss equations are tested against NumPy in tests/objectives; the configs train end to end
 in tests/train/test_engine.py. Here: crop grouping, MSN token dropping, DINO's early freezing
-of the head's last layer, head checks, and the teacher settings of retro_jax/train/teacher.py.
+of the head's last layer (in the optimiser), head checks, and the teacher settings of
+retro_jax/train/teacher.py.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -20,6 +22,7 @@ from retro_jax.models.heads import DINOHead
 from retro_jax.objectives import dino
 from retro_jax.objectives import rob_dino
 from retro_jax.objectives import rob_msn
+from retro_jax.train import optim
 from retro_jax.train import teacher as teacher_lib
 from retro_jax.train.multicrop_methods import MultiCropMethod
 from retro_jax.train.multicrop_methods import _size_groups
@@ -55,17 +58,34 @@ class _HeadOnly(nnx.Module):
                          norm_last_layer=False, rngs=nnx.Rngs(0))
 
 
-def test_dino_cancels_last_layer_gradients_in_the_first_epochs():
+def test_dino_last_layer_waits_in_the_optimizer_for_the_first_epochs():
+  """DINO's cancel_gradients_last_layer as `early_freeze`: the optimiser skips the last
+  layer's tensors (retro_jax/train/freeze.py; against torch in tests/train/test_freeze.py)."""
   method = MultiCropMethod("dino", dino.Config(), "vit_tiny_patch16",
                            head={"out_features": 16}, steps_per_epoch=3,
                            freeze_last_layer_epochs=1)
-  grads = jax.tree.map(jnp.ones_like, nnx.state(_HeadOnly(), nnx.Param))
-  for step, frozen in ((0, True), (2, True), (3, False)):
-    adjusted = method.adjust_gradients(grads, jnp.asarray(step))
-    last = jax.tree.leaves(adjusted["head"]["last_layer"])
-    mlp = jax.tree.leaves(adjusted["head"]["mlp"])
-    assert last and all(float(jnp.abs(g).max()) == (0.0 if frozen else 1.0) for g in last)
-    assert all(float(jnp.min(g)) == 1.0 for g in mlp)
+  freeze = method.early_freeze
+  assert freeze.steps == 3
+  params = nnx.state(_HeadOnly(), nnx.Param)
+  flat, _ = jax.tree_util.tree_flatten_with_path(freeze.mask(params))
+  assert {optim.parameter_name(path) for path, waits in flat if waits} == {
+      "head.last_layer.weight_v", "head.last_layer.weight_g"}
+
+  config = dict(optim.recipe_config("dino"), warmup_epochs=0)
+  tx, _ = optim.build_optimizer(config, steps_per_epoch=3, total_steps=12,
+                                global_batch_size=256, freeze=freeze)
+  step = jax.jit(lambda p, s: tx.update(jax.tree.map(jnp.ones_like, p), s, p))
+  state, current = tx.init(params), params
+  for it in range(4):
+    updates, state = step(current, state)
+    current = optax.apply_updates(current, updates)
+    for name, before, after in ((n, params["head"][n], current["head"][n])
+                                for n in ("mlp", "last_layer")):
+      unchanged = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
+                                                           jax.tree.leaves(after)))
+      assert unchanged == (name == "last_layer" and it < 3), (name, it)
+  assert MultiCropMethod("dino", dino.Config(), "vit_tiny_patch16",
+                         head={"out_features": 16}).early_freeze is None
 
 
 def _vit_teacher(head_kind, head_kwargs):
