@@ -69,6 +69,22 @@ def _copy_weights(target: nnx.Module, source: nnx.Module) -> None:
   nnx.update(target, jax.tree.map(jnp.copy, nnx.state(source, nnx.Param)))
 
 
+def _without_dropout(module: nnx.Module) -> None:
+  """Turns off, in every mode, each `nnx.Dropout` of `module`: the key encoder's drop-path.
+
+  The momentum encoder gives the keys (targets); it must not drop residual branches at
+  random even when the student does (a student built with `drop_path_rate > 0`). Every
+  backbone here implements stochastic depth with `nnx.Dropout` (EfficientNet's MBConv, the
+  ViT blocks), so this covers all of them. Rate 0 rather than `deterministic=True`, which
+  `model.train()` would undo; the dropout random stream goes with it, as a block built with
+  rate 0 keeps none.
+  """
+  for _, layer in nnx.iter_modules(module):
+    if isinstance(layer, nnx.Dropout):
+      layer.rate = 0.0
+      layer.rngs = None
+
+
 @dataclasses.dataclass(frozen=True)
 class ContrastiveMethod:
   """One of METHODS with its hyperparameters (the objective's Config) and model choices.
@@ -103,6 +119,7 @@ class ContrastiveMethod:
     backbone = create_backbone(self.student, rngs=rngs, **self.student_kwargs)
     ema_backbone = create_backbone(self.student, rngs=rngs, **self.student_kwargs)
     _copy_weights(ema_backbone, backbone)
+    _without_dropout(ema_backbone)
     head = ema_head = adapter = None
     if self.name == "retro":
       if teacher is None or teacher.head is None:
