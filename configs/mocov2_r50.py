@@ -11,9 +11,9 @@ Expected: 67.5 % ImageNet linear top-1 after 200 epochs (MoCo v2 paper, Table 1;
 800 epochs). Not reproduced here (no accelerator was available). Most users convert the
 released checkpoint instead (`python -m retro_jax convert --format moco`).
 
-Open points: batch norm is synchronised over the global batch; MoCo's shuffle-BN is not
-implemented (its purpose, hiding the batch from the key encoder's BN statistics, is an open
-point recorded in the README).
+Open points: batch norm is synchronised over the global batch; MoCo's per-GPU BN with
+shuffle-BN for the keys is `--config.student.bn_groups=8` (8 groups of 32 at batch 256;
+README, "Batch norm of the MoCo-style methods").
 
 Variants: `:smoke` trains 4 steps on CPU with a ResNet-18 (retro_jax.train.recipes.smoke).
 """

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from retro_jax.models.batch_norm import BatchNorm
 from retro_jax.models.depthwise import DepthwiseConv
 from retro_jax.models.efficientnet import make_divisible
 from retro_jax.models.heads import TorchSequential
@@ -67,9 +68,9 @@ def _conv(in_features: int, out_features: int, kernel: int, *, use_bias: bool = 
                   kernel_init=_TORCH_CONV_INIT, bias_init=bias_init, rngs=rngs)
 
 
-def _batch_norm(features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  return nnx.BatchNorm(features, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
-                       use_fast_variance=False, rngs=rngs)
+def _batch_norm(features: int, *, rngs: nnx.Rngs) -> BatchNorm:
+  return BatchNorm(features, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
+                   use_fast_variance=False, rngs=rngs)
 
 
 class InvertedResidualAdapter(nnx.Module):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from retro_jax.models.batch_norm import BatchNorm
 from retro_jax.models.depthwise import DepthwiseConv
 from retro_jax.models.registry import BackboneOutput
 from retro_jax.models.registry import register_backbone
@@ -78,8 +79,8 @@ class ConvNormAct(nnx.List):
                        f"{in_channels}->{out_channels} channels")
     layers: list[Any] = [
         conv,
-        nnx.BatchNorm(out_channels, epsilon=bn_eps, momentum=1.0 - bn_momentum, dtype=dtype,
-                      rngs=rngs),
+        BatchNorm(out_channels, epsilon=bn_eps, momentum=1.0 - bn_momentum, dtype=dtype,
+                  rngs=rngs),
     ]
     if activation is not None:
       layers.append(activation)

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from retro_jax.models.batch_norm import BatchNorm
+
 # torch BatchNorm1d: eps 1e-5, momentum 0.1 (flax counts the other way).
 _BN_EPSILON = 1e-5
 _BN_MOMENTUM = 0.9
@@ -69,9 +71,9 @@ def _trunc_normal_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs)
                     bias_init=nnx.initializers.zeros, rngs=rngs)
 
 
-def _batch_norm(features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  return nnx.BatchNorm(features, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
-                       use_fast_variance=False, rngs=rngs)
+def _batch_norm(features: int, *, rngs: nnx.Rngs) -> BatchNorm:
+  return BatchNorm(features, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
+                   use_fast_variance=False, rngs=rngs)
 
 
 class TorchSequential(nnx.Module):

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from retro_jax.models.batch_norm import BatchNorm
 from retro_jax.models.registry import BackboneOutput
 from retro_jax.models.registry import register_backbone
 
@@ -42,10 +43,10 @@ def _conv(in_channels: int, out_channels: int, kernel: int, stride: int, *, dtyp
 
 
 def _batch_norm(channels: int, *, dtype: Any, rngs: nnx.Rngs,
-                zero_scale: bool = False) -> nnx.BatchNorm:
+                zero_scale: bool = False) -> BatchNorm:
   scale_init = nnx.initializers.zeros if zero_scale else nnx.initializers.ones
-  return nnx.BatchNorm(channels, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
-                       scale_init=scale_init, dtype=dtype, rngs=rngs)
+  return BatchNorm(channels, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
+                   scale_init=scale_init, dtype=dtype, rngs=rngs)
 
 
 def _downsample(in_channels: int, out_channels: int, stride: int, *, dtype: Any,

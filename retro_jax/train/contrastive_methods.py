@@ -16,9 +16,20 @@ state, so it is never saved, optimised or donated.
 
 Order inside a step (MoCo's `forward`): EMA update of the key encoder with the *current*
 student parameters, then the keys, then the loss against the queue as it was, then the
-enqueue. Batch norm: every BN runs in train mode on the global (device-sharded) batch, i.e.
-synchronised BN over the whole batch. The reference code uses per-GPU BN of 32 with MoCo's
-shuffle-BN for the key encoder; that is an open point recorded in the README.
+enqueue.
+
+Batch norm (`bn_groups`, config `student.bn_groups`). Default 1: every BN of the student,
+its head or adapter and the key encoder runs in train mode on the whole global
+(device-sharded) batch, i.e. synchronised BN, as Retro's authors ran it (SyncBatchNorm over
+the whole model; their MoCo shuffle is then a no-op and is skipped here). With G > 1 the
+statistics of those BNs (and of a teacher in `bn_mode='batch'`) are per slice: G consecutive
+slices of B / G examples (`retro_jax/models/batch_norm.py`; running statistics move toward
+the mean over the slices), and the key encoder sees the key batch through MoCo's shuffle-BN
+(`_batch_shuffle_ddp` / `_batch_unshuffle_ddp`): its input is permuted by a random
+permutation drawn from the step's key, and its output un-permuted, so that a query and its
+key never share BN statistics. `bn_groups = 8` with the global batch of 256 is MoCo-v2's and
+DisCo's per-GPU BN of 32 on 8 GPUs; with the batch sharded over G devices of the 'data' mesh
+axis each device's shard is one group.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from flax import nnx
 
 from retro_jax.models import create_backbone
 from retro_jax.models.adapters import create_adapter
+from retro_jax.models.batch_norm import set_batch_groups
 from retro_jax.models.encoder import PooledAdapter
 from retro_jax.models.heads import MLPHead
 from retro_jax.objectives import contrastive
@@ -41,6 +53,9 @@ from retro_jax.objectives import retro
 from retro_jax.train import teacher as teacher_lib
 
 METHODS = ("mocov2", "disco", "retro")
+
+# fold_in index of the shuffle-BN permutations within the step's model key.
+_SHUFFLE_STREAM = 7_919
 
 
 class ContrastiveStudent(nnx.Module):
@@ -97,6 +112,8 @@ class ContrastiveMethod:
       head is in -> 2048 -> 128, MoCo-v2's in -> in -> 128 (hidden None means `in`).
     adapter: retro's adapter kind ('inverted_residual', 'simkd', 'conv1x1'); adapter_kwargs
       its options (e.g. activation='hard_mish' for MobileNetV3, as the Retro code).
+    bn_groups: batch-norm statistics over this many slices of the batch, with shuffle-BN for
+      the key encoder when > 1 (the module docstring); 1: over the whole batch.
   """
   name: str
   objective: Any
@@ -105,10 +122,14 @@ class ContrastiveMethod:
   head_hidden: int | None = None
   adapter: str = "inverted_residual"
   adapter_kwargs: dict = dataclasses.field(default_factory=dict)
+  bn_groups: int = 1
 
   def __post_init__(self):
     if self.name not in METHODS:
       raise ValueError(f"unknown contrastive method {self.name!r}; expected one of {METHODS}")
+    if (isinstance(self.bn_groups, bool) or not isinstance(self.bn_groups, int)
+        or self.bn_groups < 1):
+      raise ValueError(f"bn_groups must be a positive integer, got {self.bn_groups!r}")
 
   @property
   def needs_teacher(self) -> bool:
@@ -132,7 +153,12 @@ class ContrastiveMethod:
       dims = (width, self.head_hidden or width, self.objective.embed_dim)
       head, ema_head = MLPHead(dims, rngs=rngs), MLPHead(dims, rngs=rngs)
       _copy_weights(ema_head, head)
-    return ContrastiveStudent(backbone, head, adapter, ema_backbone, ema_head)
+    student = ContrastiveStudent(backbone, head, adapter, ema_backbone, ema_head)
+    if self.bn_groups > 1:
+      set_batch_groups(student, self.bn_groups)
+      if teacher is not None:  # its BN uses the groups only in bn_mode 'batch'
+        set_batch_groups(teacher, self.bn_groups)
+    return student
 
   def trainable_filter(self):
     """Params of the student, its head and adapter; never the EMA copies."""
@@ -163,17 +189,37 @@ class ContrastiveMethod:
     head = model.ema_head if ema else model.head
     return head(out.pooled)
 
+  def _keys(self, model: ContrastiveStudent, teacher, images, key):
+    """The momentum encoder's embeddings of `images`, through shuffle-BN when BN is grouped.
+
+    MoCo's `_batch_shuffle_ddp`: the batch is permuted (one permutation of the global batch,
+    from `key`) before the key encoder and its output put back in the original order, so
+    the BN groups of the keys mix examples of every query group. A no-op with one group.
+    """
+    if self.bn_groups == 1:
+      return self._student_embedding(model, teacher, images, ema=True)
+    if key is None:
+      raise ValueError("shuffle-BN (bn_groups > 1) needs the step's random key")
+    shuffled, order = shuffle_batch(key, images)
+    return unshuffle_batch(self._student_embedding(model, teacher, shuffled, ema=True), order)
+
   def loss(self, model: ContrastiveStudent, teacher, views, state, *, step=None, key=None):
-    """(loss, metrics, new queue state) for two normalised views [B, H, W, 3]."""
-    del step, key  # nothing scheduled, nothing random
+    """(loss, metrics, new queue state) for two normalised views [B, H, W, 3].
+
+    `key` draws the shuffle-BN permutations (bn_groups > 1 only).
+    """
+    del step  # nothing scheduled
+    shuffle_key = None if key is None else jax.random.fold_in(key, _SHUFFLE_STREAM)
+    key_views = ((None, None) if shuffle_key is None
+                 else tuple(jax.random.split(shuffle_key)))
     x1, x2 = views[0], views[1]
     symmetric = self.objective.symmetric
     needs_qk = symmetric or self.name == "disco" or (
         self.name == "retro" and self.objective.consistency_pairing == "same_view")
     q = self._student_embedding(model, teacher, x1, ema=False)
     qk = self._student_embedding(model, teacher, x2, ema=False) if needs_qk else None
-    k = jax.lax.stop_gradient(self._student_embedding(model, teacher, x2, ema=True))
-    kq = (jax.lax.stop_gradient(self._student_embedding(model, teacher, x1, ema=True))
+    k = jax.lax.stop_gradient(self._keys(model, teacher, x2, key_views[1]))
+    kq = (jax.lax.stop_gradient(self._keys(model, teacher, x1, key_views[0]))
           if symmetric else None)
     if self.name == "mocov2":
       return mocov2.loss(state, q, k, qk=qk, kq=kq, config=self.objective)
@@ -207,3 +253,14 @@ class ContrastiveMethod:
     dims = [model.backbone.feature_width, self.head_hidden or model.backbone.feature_width,
             self.objective.embed_dim]
     return head, "mlp", {"dims": dims}
+
+
+def shuffle_batch(key: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`x` in a random order along axis 0 (MoCo's `_batch_shuffle_ddp`), and that order."""
+  order = jax.random.permutation(key, x.shape[0])
+  return x[order], order
+
+
+def unshuffle_batch(y: jax.Array, order: jax.Array) -> jax.Array:
+  """The inverse of `shuffle_batch` (MoCo's `_batch_unshuffle_ddp`): y[argsort(order)]."""
+  return y[jnp.argsort(order)]

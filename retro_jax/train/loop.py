@@ -86,10 +86,18 @@ def build_method(config: ml_collections.ConfigDict, objective, *, steps_per_epoc
     except ValueError as error:
       raise ConfigError(f"student: {error}") from None
   adapter_kwargs = student.get("adapter_kwargs")
+  bn_groups = student.get("bn_groups", 1)
+  if isinstance(bn_groups, bool) or not isinstance(bn_groups, int) or bn_groups < 1:
+    raise ConfigError(f"student.bn_groups: {bn_groups!r} is not a positive integer")
+  if config.global_batch_size % bn_groups:
+    raise ConfigError(f"student.bn_groups: {bn_groups} does not divide global_batch_size "
+                      f"{config.global_batch_size} (batch norm runs on bn_groups equal "
+                      "slices of the batch)")
   return ContrastiveMethod(config.method, objective, student.name,
                            student.kwargs.to_dict(), head_hidden=student.get("head_hidden") or None,
                            adapter=student.get("adapter", "inverted_residual"),
-                           adapter_kwargs=adapter_kwargs.to_dict() if adapter_kwargs else {})
+                           adapter_kwargs=adapter_kwargs.to_dict() if adapter_kwargs else {},
+                           bn_groups=bn_groups)
 
 
 def _steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:

@@ -9,8 +9,12 @@ run on Fashion-MNIST that the tests train. The layout:
   seed, global_batch_size, epochs, total_steps (> 0 overrides epochs)
   objective         the objective's Config fields (retro_jax/objectives/<method>.py)
   student           name, kwargs (backbone options), head_hidden (mocov2/disco), adapter and
-                    adapter_kwargs (retro); head (DINO-style head options) and
-                    token_drop_ratio (rob_msn)
+                    adapter_kwargs (retro), bn_groups (MoCo-style methods: batch-norm
+                    statistics over that many slices of the batch, with MoCo's shuffle-BN
+                    for the keys; 1, the default, is SyncBN over the global batch, as
+                    Retro; 8 at batch 256 is MoCo-v2's/DisCo's per-GPU BN: see
+                    retro_jax/train/contrastive_methods.py); head (DINO-style head
+                    options) and token_drop_ratio (rob_msn)
   dino              teacher_momentum, freeze_last_layer_epochs (method 'dino' only)
   teacher           checkpoint (a `convert` output), random_spec (smoke runs only), dtype
                     ('float32' | 'bfloat16'), bn_mode ('eval' | 'batch'): retro_jax/train/teacher.py
@@ -61,7 +65,7 @@ def contrastive_config(method: str, student: str, *, optimizer: str, epochs: int
   if method == "retro":
     objective["consistency_pairing"] = "same_view"
   config.objective = objective
-  config.student = dict(name=student, kwargs=student_kwargs or {})
+  config.student = dict(name=student, kwargs=student_kwargs or {}, bn_groups=1)
   if method == "retro":
     config.student.adapter = adapter
     config.student.adapter_kwargs = adapter_kwargs or {}

@@ -1,0 +1,120 @@
+"""Batch norm whose batch statistics can be computed over G groups of the batch.
+
+Every model here builds its BatchNorm layers from this `BatchNorm` (an `nnx.BatchNorm` with
+the same variables, names and defaults, so checkpoints and torch conversion are unchanged)
+and one extra static attribute, `batch_groups` (default 1: the statistics of the whole
+batch, i.e. synchronised BN when the batch is sharded over devices).
+
+With `batch_groups = G > 1`, a train-mode forward splits the batch (axis 0) into G
+consecutive slices of B / G examples and normalises each with its own mean and variance: the
+per-GPU BN of torch DDP without SyncBatchNorm, where GPU g holds examples
+[g B/G, (g+1) B/G) of the global batch. With the batch sharded over G devices of the 'data'
+mesh axis the groups are the devices' shards and the statistics need no communication.
+
+Running statistics: torch DDP (broadcast_buffers=True, the default) copies rank 0's buffers
+to every rank before each forward, so the statistics it saves are those of GPU 0's slices
+only. Here they move toward the *mean over the groups* of the group means and (biased, as
+flax) variances: the same expectation with less noise and no dependence on which slice is
+first. Eval mode (`use_running_average`) ignores the groups.
+
+`set_batch_groups(model, G)` sets the attribute on every BatchNorm of a module tree, as
+`retro_jax.train.teacher.set_batch_norm_mode` switches their mode.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes
+
+
+class BatchNorm(nnx.BatchNorm):
+  """`nnx.BatchNorm` with `batch_groups`: train-mode statistics per slice of the batch."""
+
+  def __init__(self, num_features: int, *, batch_groups: int = 1, **kwargs):
+    super().__init__(num_features, **kwargs)
+    self.batch_groups = _check_groups(batch_groups)
+
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+               mask: jax.Array | None = None) -> jax.Array:
+    if use_running_average is None:
+      use_running_average = self.use_running_average
+    groups = self.batch_groups
+    if groups == 1 or use_running_average:
+      return super().__call__(x, use_running_average, mask=mask)
+    if mask is not None:
+      raise NotImplementedError("BatchNorm: a mask with batch_groups > 1")
+    batch = x.shape[0]
+    if batch % groups:
+      raise ValueError(f"BatchNorm: batch_groups={groups} does not divide the batch of "
+                       f"{batch} (student.bn_groups must divide the global batch size)")
+    axes = _canonical_axes(x.ndim, self.axis)
+    if 0 in axes:
+      raise ValueError("BatchNorm: batch_groups > 1 needs the batch axis 0 to be reduced")
+    scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
+    x, scale, bias = self.promote_dtype((x, scale, bias), dtype=self.dtype)
+    # [B, ...] -> [G, B/G, ...]: the feature axes move by one, the group axis is kept.
+    grouped = x.reshape((groups, batch // groups) + x.shape[1:])
+    features = tuple(a + 1 for a in axes)
+    reduce = tuple(a for a in range(1, grouped.ndim) if a not in features)
+    group_mean, group_var = _moments(grouped, reduce, self.dtype, self.use_fast_variance)
+    # Flax's update rule, with the groups' mean of each statistic as the batch statistic.
+    self.mean[...] = jax.lax.stop_gradient(
+        self.momentum * self.mean[...] + (1 - self.momentum) * group_mean.mean(0))
+    self.var[...] = jax.lax.stop_gradient(
+        self.momentum * self.var[...] + (1 - self.momentum) * group_var.mean(0))
+    stats_shape = tuple(1 if a in reduce else n for a, n in enumerate(grouped.shape))
+    feature_shape = tuple(n if a in features else 1 for a, n in enumerate(grouped.shape))
+    mul = jax.lax.rsqrt(group_var.reshape(stats_shape) + self.epsilon)
+    args = [x]
+    if scale is not None:
+      mul = mul * scale.reshape(feature_shape)
+      args.append(scale)
+    y = (grouped - group_mean.reshape(stats_shape)) * mul
+    if bias is not None:
+      y = y + bias.reshape(feature_shape)
+      args.append(bias)
+    return jnp.asarray(y.reshape(x.shape), dtypes.canonicalize_dtype(*args, dtype=self.dtype))
+
+
+def _check_groups(groups) -> int:
+  if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    raise ValueError(f"batch_groups must be a positive integer, got {groups!r}")
+  return groups
+
+
+def _canonical_axes(ndim: int, axis) -> tuple[int, ...]:
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  return tuple(sorted(a % ndim for a in axes))
+
+
+def _moments(x: jax.Array, axes: tuple[int, ...], dtype, fast: bool):
+  """Mean and biased variance over `axes`, in at least float32 (flax's `_compute_stats`)."""
+  dtype = jnp.promote_types(dtype or jnp.result_type(x), jnp.float32)
+  x = jnp.asarray(x, dtype)
+  mean = x.mean(axes)
+  if fast:
+    var = jnp.maximum(0.0, jnp.square(x).mean(axes) - jnp.square(mean))
+  else:
+    var = jnp.square(x - jnp.expand_dims(mean, axes)).mean(axes)
+  return mean, var
+
+
+def set_batch_groups(model: nnx.Module, groups: int) -> int:
+  """Sets `batch_groups` on every BatchNorm of `model`; returns how many there are.
+
+  Refuses a tree holding a plain `nnx.BatchNorm`, which would silently keep global
+  statistics.
+  """
+  groups = _check_groups(groups)
+  count = 0
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, BatchNorm):
+      module.batch_groups = groups
+      count += 1
+    elif isinstance(module, nnx.BatchNorm):
+      raise TypeError(f"{'.'.join(map(str, path))}: an nnx.BatchNorm without batch_groups; "
+                      "build it with retro_jax.models.batch_norm.BatchNorm")
+  return count
