@@ -2,27 +2,52 @@ r"""Retro: EfficientNet-B0 student, MoCo-v2 ResNet-50 teacher, ImageNet (the pap
 
 Command (a TPU or GPU host; convert the teacher first):
 
-    python -m retro_jax convert --src moco_v2_800ep_pretrain.pth.tar --format moco \
+    python -m retro_jax convert --src ResNet50-checkpoint_0199.pth.tar --format moco \
         --arch resnet50 --out teachers/mocov2_r50
     python -m retro_jax.main --config configs/effb0.py --workdir runs/effb0 \
         --config.teacher.checkpoint=teachers/mocov2_r50
+
+Teacher: the MoCo-v2 ResNet-50 after 200 epochs that DisCo released
+(`ResNet50-checkpoint_0199.pth.tar`, DisCo-pytorch README.md line 32) and that DisCo's command
+for this pair loads (Reproduction.md line 68: `--teacher_arch resnet50 --teacher
+/path/to/ckpt/checkpoint_0199.pth.tar`). The Retro code (`beandkay/Reused-Teacher-Projector`,
+a fork of DisCo-pytorch) keeps DisCo's README and Reproduction.md unchanged and names no other
+teacher.
 
 Recipe (retro.md, the authors' code, inherited from DisCo): 200 epochs, global batch 256,
 SGD momentum 0.9, lr 0.03 x batch / 256, weight decay 1e-4 on every tensor, cosine per
 epoch; queue 65,536, T = 0.2, EMA 0.999; the inverted-residual adapter on the pre-pool map
 into the teacher's frozen MoCo-v2 head (2048 -> 2048 -> 128); MoCo-v2 `aug_plus` views.
-Expected: 66.9 % ImageNet linear top-1 with the MoCo-v2 ResNet-50 (800 ep) teacher (the
-Retro paper, Table 1); not reproduced here (no accelerator was available).
+Student: EfficientNet-B0 without stochastic depth (`student.kwargs.drop_path_rate=0`), as the
+authors build it: their builder calls `base_encoder(num_classes=dim, pretrained=False)`
+(`DisCo/moco/builder_kq_mse_largeembedding_2048.py` line 36), so timm's constructor default
+`drop_path_rate=0.` holds (`DisCo/models/efficientnet.py` line 336). Our backbone's own
+default is torchvision's 0.2. The momentum encoder never drops paths in any case.
 
-Open points and the reading used (retro_jax/objectives/retro.py):
-  * objective.consistency_pairing='same_view' (DisCo's form: student(view 2) vs teacher(view
-    2)); 'cross_view' is the authors' code (student(view 1) vs teacher(view 2)).
-  * objective.consistency_weight=32: the reference sums the squared error over each GPU's 32
-    examples; 32 x the per-sample mean gives the same gradient scale at batch 256.
-  * BN is synchronised over the global batch (the reference: per-GPU BN, shuffle-BN keys).
+Expected: the Retro paper's abstract (arXiv 2405.15311) reports 66.9 % ImageNet linear top-1
+for EfficientNet-B0 distilled from a ResNet-50 (69.3 % from ResNet-101, 69.8 % from
+ResNet-152); it does not say how or how long the teachers were pre-trained, and the paper's
+tables were not available to us. Not reproduced here (no accelerator was available).
+
+Open points: this config uses the first reading; `:reference` uses the authors' code
+(`retro_jax.train.recipes.authors_reference`, which cites the lines):
+  * objective.consistency_pairing: 'same_view' (DisCo's form: student(view 2) vs teacher(view
+    2)); :reference 'cross_view', what the authors' builder computes (student(view 1) vs
+    teacher(view 2)).
+  * teacher.bn_mode: 'eval' (running statistics); :reference 'batch' (their teacher runs in
+    train mode, with batch statistics).
+  * student batch norm: synchronised over the global batch in both. The authors' main.py
+    converts the whole model to SyncBatchNorm (`DisCo/main.py` line 241), which makes their
+    builder's shuffle-BN a no-op; per-GPU BN with shuffle-BN is DisCo's and MoCo's setting
+    (configs/disco_effb0.py:reference).
+  * objective.consistency_weight=32 in both: the reference sums the squared error over each
+    GPU's 32 examples; 32 x the per-sample mean gives the same gradient scale at batch 256.
+  * the queue starts random in both: the authors' student starts from the teacher
+    checkpoint's `module.queue`, which `convert` does not keep.
 
 Variants: `:smoke` trains 4 steps on CPU (32 px Fashion-MNIST, batch 16, a random ResNet-18
 teacher; `retro_jax.train.recipes.smoke`): it checks the wiring, not the result.
+`:reference` is the authors' code form above; `:reference_smoke` its 4-step CPU run.
 """
 
 from __future__ import annotations
@@ -31,5 +56,6 @@ from retro_jax.train import recipes
 
 
 def get_config(variant: str | None = None):
-  config = recipes.contrastive_config("retro", "efficientnet_b0", optimizer="retro")
+  config = recipes.contrastive_config("retro", "efficientnet_b0", optimizer="retro",
+                                      student_kwargs={"drop_path_rate": 0.0})
   return recipes.finish(config, variant, "configs/effb0.py")

@@ -3,7 +3,8 @@
 A config file states one recipe (its docstring: command, hardware, expected result, readings
 of the open points) and builds it with `contrastive_config(...)` (MoCo-style methods) or
 `multicrop_config(...)` (DINO-style); `smoke(config)` turns any of them into the few-step CPU
-run on Fashion-MNIST that the tests train. The layout:
+run on Fashion-MNIST that the tests train, and `authors_reference(config)` turns a Retro or
+DisCo config into the form of the authors' code (`finish` applies both by variant). The layout:
 
   method            'mocov2' | 'disco' | 'retro' | 'dino' | 'rob_dino' | 'rob_msn'
   seed, global_batch_size, epochs, total_steps (> 0 overrides epochs)
@@ -172,12 +173,84 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+# Backbone families whose constructors take `drop_path_rate` (stochastic depth).
+_DROP_PATH_FAMILIES = ("efficientnet", "vit")
+# The authors' examples per GPU: DisCo's commands train batch 256 on 8 GPUs (DisCo-pytorch
+# Reproduction.md line 68 `--batch-size 256`; README.md line 55 "8 GPUs are preferred"), and
+# each GPU's process takes batch / GPUs (DisCo/main.py line 241).
+_AUTHORS_GPU_BATCH = 32
+
+
+def authors_reference(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Turns a Retro or DisCo config into the form of the authors' code, in place.
+
+  Each change, with where the code does it (Retro: `beandkay/Reused-Teacher-Projector`
+  `DisCo/main.py` and `DisCo/moco/builder_kq_mse_largeembedding_2048.py`, "the builder";
+  DisCo: `Yuting-Gao/DisCo-pytorch`, the same file names):
+    * teacher.bn_mode='batch': the teacher is a submodule of the model that `train()` puts in
+      train mode every epoch (Retro main.py line 430, DisCo main.py line 422) and is never
+      switched to eval, so its BN normalises with batch statistics.
+    * retro: objective.consistency_pairing='cross_view': the builder computes `feat_qk` from
+      `im_q` (line 226) and then reshapes `temp_feat_q`, not `temp_feat_qk` (line 256), so
+      its second MSE term compares student(view 1) with teacher(view 2). DisCo's builder
+      embeds view 2 (`qk = self.encoder_q(im_k)`, line 185): its form is our 'same_view'.
+    * student.kwargs.drop_path_rate=0 for backbones that take it: the builders call
+      `base_encoder(num_classes=dim, pretrained=False)` (Retro line 36, DisCo line 27), so the
+      timm-era constructors' default `drop_path_rate=0.` holds (Retro
+      `DisCo/models/efficientnet.py` line 336). The recipes' default is the same.
+    * batch norm of the student: retro keeps bn_groups 1 (statistics of the global batch):
+      Retro main.py line 241 converts the whole model to SyncBatchNorm, which leaves the
+      builder's shuffle-BN (lines 238, 265) without effect. disco gets bn_groups =
+      batch / 32 (8 at 256), per-GPU BN with MoCo's shuffle-BN for the keys: DisCo main.py
+      wraps the model in DistributedDataParallel without SyncBatchNorm (lines 243, 250) and
+      its builder shuffles the key batch across GPUs (line 196).
+  Not reproduced: the queue's start. Both main.py files load the teacher checkpoint with
+  `strict=False` after renaming only keys containing "encoder" (Retro lines 345, 350; DisCo
+  lines 339, 344), so `module.queue`, the teacher's own MoCo queue, becomes the student's
+  initial queue; `convert` leaves MoCo's queue out of the teacher directory
+  (retro_jax/convert/formats.py), so the queue starts random and unit-norm here as well.
+  Mixed precision (Retro's `autocast`) is not reproduced either: float32 throughout.
+
+  Args:
+    config: an unlocked config of method 'retro' or 'disco' (`contrastive_config`).
+
+  Returns:
+    `config`, changed.
+
+  Raises:
+    ValueError: another method.
+  """
+  if config.method not in ("retro", "disco"):
+    raise ValueError(f"the authors' reference form is defined for 'retro' and 'disco' "
+                     f"configs, not {config.method!r}")
+  config.teacher.bn_mode = "batch"
+  if config.method == "retro":
+    config.objective.consistency_pairing = "cross_view"
+  if config.student.name.startswith(_DROP_PATH_FAMILIES):
+    config.student.kwargs.drop_path_rate = 0.0
+  config.student.bn_groups = (1 if config.method == "retro" else
+                              max(1, config.global_batch_size // _AUTHORS_GPU_BATCH))
+  return config
+
+
+VARIANTS = ("smoke", "reference", "reference_smoke")
+
+
 def finish(config: ml_collections.ConfigDict, variant: str | None,
            path: str) -> ml_collections.ConfigDict:
-  """Applies the variant (None or 'smoke') and locks the config."""
-  if variant == "smoke":
+  """Applies the variant and locks the config.
+
+  Variants: None (the recipe), 'smoke' (`smoke`), 'reference' (`authors_reference`, Retro and
+  DisCo configs only) and 'reference_smoke' (the reference form, then `smoke`).
+  """
+  if variant not in (None, *VARIANTS):
+    raise ValueError(f"unknown variant {variant!r} of {path}; expected one of {VARIANTS}")
+  if variant in ("reference", "reference_smoke"):
+    try:
+      authors_reference(config)
+    except ValueError as error:
+      raise ValueError(f"variant {variant!r} of {path}: {error}") from None
+  if variant in ("smoke", "reference_smoke"):
     smoke(config)
-  elif variant is not None:
-    raise ValueError(f"unknown variant {variant!r} of {path}; expected 'smoke'")
   config.lock()
   return config
