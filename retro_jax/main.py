@@ -1,7 +1,8 @@
 """`python -m retro_jax.main --config configs/NAME.py[:VARIANT] --workdir DIR [--config.KEY=VALUE ...]`
 
 Trains (or resumes) the run a config file describes (`config.task`: 'pretrain', the default,
-'finetune', configs/finetune.py, or 'quickstart', configs/quickstart.py). The config is an ml_collections file
+'finetune', configs/finetune.py, or 'study', a teacher and students compared over seeds:
+configs/quickstart.py and configs/study_fashion_mnist.py). The config is an ml_collections file
 whose `get_config(variant)` returns a locked ConfigDict, so a misspelt `--config.key` is an
 error; values derived from it (steps, schedules, scaled learning rate) are computed by the
 trainer from the final, overridden config. The resolved config is printed and written to
@@ -101,13 +102,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.main") 
   if task == "finetune":  # configs/finetune.py: fine-tuning or the augmented linear protocol
     from retro_jax.evaluate import finetune  # pylint: disable=g-import-not-at-top
     run = finetune.run
-  elif task == "quickstart":  # configs/quickstart.py: teacher, student, evaluation, export
-    from retro_jax import quickstart  # pylint: disable=g-import-not-at-top
-    run = quickstart.run
+  elif task == "study":  # configs/quickstart.py, configs/study_*.py: teacher, students, table
+    from retro_jax import study  # pylint: disable=g-import-not-at-top
+    run = study.run
   elif task == "pretrain":
     run = loop.train
   else:
-    print(f"{prog}: config.task must be 'pretrain', 'finetune' or 'quickstart', got {task!r}",
+    print(f"{prog}: config.task must be 'pretrain', 'finetune' or 'study', got {task!r}",
           file=sys.stderr)
     return 1
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.main") 
   try:
     final = run(config, workdir)
   except (loop.ConfigError, DataSourceError, ModelDirectoryError, TrainCheckpointError,
-          ValueError) as error:
+          ValueError) as error:  # ValueError includes study.StudyError
     print(f"{prog}: {error}", file=sys.stderr)
     return 1
   print("final: " + json.dumps({k: round(v, 5) for k, v in final.items()}), flush=True)

@@ -140,3 +140,23 @@ def fashion_mnist_tfds(tmp_path_factory, fashion_mnist_dir) -> pathlib.Path:
   prepare.prepare("fashion_mnist", data_dir=data_dir, source_dir=fashion_mnist_dir,
                   log=lambda message: None)
   return data_dir
+
+
+@pytest.fixture(scope="module")
+def persistent_compilation_cache(tmp_path_factory):
+  """XLA's persistent compilation cache in a fresh folder for one test module.
+
+  Runs that build the same step again (another seed, a resumed run) then load the compiled
+  executable instead of compiling it a second time.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  previous = (jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  compilation_cache.reset_cache()  # The cache reads its directory once; make it read ours.
+  yield
+  jax.config.update("jax_compilation_cache_dir", previous[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+  compilation_cache.reset_cache()

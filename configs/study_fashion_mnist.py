@@ -1,0 +1,70 @@
+r"""The Fashion-MNIST study: is a Retro student better than DisCo's and than MoCo-v2 alone?
+
+Command (2-core CPU, no accelerator; unattended, resumable: run it again after an interruption):
+
+    python -m retro_jax.main --config configs/study_fashion_mnist.py --workdir runs/study
+
+What it runs (retro_jax/study.py; the measured table, wall times and analysis are in
+docs/results.md):
+  teacher   MoCo-v2, half-width ResNet-18 (width 32, 2.9 M parameters), 32 px, TEACHER_STEPS
+            steps of 128 at lr LR_SCALE x the recipe's (0.03 x 128 / 256), queue 4,096, key
+            momentum 0.99; the regime comes from the sweep `:sweep` (docs/results.md).
+  students  a quarter-width ResNet-18 (width 16, 0.7 M parameters) with timm's
+            zero_init_last_bn (the authors' ResNet students), the SAME budget for every arm
+            (STUDENT_STEPS steps of 128, the same augmentation, optimiser and queue), seeds 0, 1, 2:
+              mocov2           MoCo-v2 alone (own MLP head 128-128-128), no teacher
+              disco            DisCo: own head 128-2048-128 + consistency to the teacher
+              retro            Retro as the library's default (the best reading): DisCo's
+                               consistency pairing (`same_view`), teacher BN in eval mode
+              retro_reference  Retro in the authors' code form (`recipes.authors_reference`):
+                               `cross_view` consistency (student(view 1) vs teacher(view 2)),
+                               teacher BN on batch statistics
+  baselines the untrained student network (each seed) and the untrained teacher network
+  evaluation weighted k-NN (k = 20, 200) and a linear probe on frozen features, bank / probe
+            training set train[:10000], the whole test split (10,000); backbone features, and
+            each head's embedding (Retro: the pooled adapter output, the authors' protocol)
+
+Variants:
+  :sweep   the teacher-regime sweep (teacher only, TEACHER_SWEEP_STEPS steps per point; pick a
+           point with --config.teacher.optimizer.lr=... etc.; see docs/results.md)
+  :test    every stage with 3 steps, 2 seeds and small splits: the same path, for the tests
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from retro_jax.train import fashion_mnist_recipes as recipes
+
+TEACHER_STEPS = 1800
+STUDENT_STEPS = 500
+SWEEP_STEPS = 600
+
+
+def get_config(variant: str | None = None):
+  config = ml_collections.ConfigDict()
+  config.task = "study"
+  config.title = "retro_jax study: MoCo-v2 teacher -> students on Fashion-MNIST"
+  config.seed = 0
+  config.data_dir = ""  # TFDS data directory ("" = TFDS's default, ~/tensorflow_datasets)
+  config.seeds = [0, 1, 2]
+  config.teacher = recipes.teacher(TEACHER_STEPS)
+  config.students = recipes.students(STUDENT_STEPS)
+  config.final = "retro"
+  config.baseline = "mocov2"  # the paired differences are taken against this arm
+  config.export = False
+  config.evaluation = recipes.evaluation()
+  config.diagnostics = list(recipes.DIAGNOSTICS)
+  if variant == "sweep":
+    config.teacher.total_steps = SWEEP_STEPS
+    config.students = {}
+    config.seeds = []
+    config.final = "teacher"
+  elif variant == "test":
+    config.seeds = [0, 1]
+    recipes.tiny(config)
+  elif variant is not None:
+    raise ValueError(f"unknown variant {variant!r} of configs/study_fashion_mnist.py; "
+                     "expected 'sweep' or 'test'")
+  config.lock()
+  return config

@@ -1,0 +1,117 @@
+"""The study runner end to end (`configs/study_fashion_mnist.py:test`), and the quickstart's
+config (a one-seed study of the same runner).
+
+Data -> MoCo-v2 teacher -> four student arms x two seeds -> untrained networks -> k-NN and
+linear probe of every model -> export -> table with 95 % intervals, then the same command
+again, which finds every stage done and only prints the table.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+from retro_jax import checkpoint
+from retro_jax import main as main_lib
+from retro_jax import study_report
+
+CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
+
+
+def test_interval_is_the_student_t_interval_of_the_mean():
+  # By hand: mean 2, sample sd 1; Student's t with 2 degrees of freedom has the closed-form
+  # quantile t_p = (2p - 1) sqrt(2 / (4 p (1 - p))), here 4.3027 at p = 0.975.
+  mean, half = study_report.interval([1.0, 2.0, 3.0])
+  p = 0.975
+  assert mean == 2.0
+  assert half == pytest.approx((2 * p - 1) * math.sqrt(2 / (4 * p * (1 - p))) / math.sqrt(3),
+                               rel=1e-9)
+  assert study_report.interval([5.0]) == (5.0, None)
+
+
+def test_quickstart_is_a_one_seed_study_with_the_moco_alone_row():
+  spec = importlib.util.spec_from_file_location("quickstart", CONFIGS / "quickstart.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  assert config.task == "study" and list(config.seeds) == [0] and config.export
+  assert set(config.students) == {"retro", "mocov2"} and config.baseline == "mocov2"
+  retro, moco = config.students.retro, config.students.mocov2
+  # The papers' comparison: the same network, budget, data and optimiser; only the method.
+  for key in ("total_steps", "global_batch_size", "student", "data", "optimizer"):
+    if key == "student":
+      assert retro.student.name == moco.student.name
+      assert retro.student.kwargs == moco.student.kwargs
+    else:
+      assert retro[key] == moco[key], key
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("persistent_compilation_cache")
+def test_study_runs_every_stage_and_resumes(fashion_mnist_tfds, tmp_path, capsys):
+  workdir = tmp_path / "study"
+  args = ["--config", f"{CONFIGS / 'study_fashion_mnist.py'}:test", "--workdir", str(workdir),
+          f"--config.data_dir={fashion_mnist_tfds}", "--config.export=True"]
+  assert main_lib.main(args) == 0
+  out = capsys.readouterr().out
+
+  stages = json.loads((workdir / "stages.json").read_text())
+  assert stages["final"] == "retro"
+  arms = ("mocov2", "disco", "retro", "retro_reference")
+  assert set(stages["stages"]) == {"teacher", *arms}
+  teacher_dir = workdir / "teacher" / "student"
+  assert checkpoint.read_description(teacher_dir)["source"]["method"] == "mocov2"
+  for arm in arms:
+    for seed in (0, 1):
+      run = workdir / arm / f"seed_{seed}"
+      description = checkpoint.read_description(run / "student")
+      assert description["source"]["method"] == ("retro" if arm.startswith("retro") else arm)
+      config = json.loads((run / "config.json").read_text())
+      assert config["seed"] == seed
+      # Every distillation arm learned from the study's teacher; MoCo-v2 alone from none.
+      assert config["teacher"]["checkpoint"] == ("" if arm == "mocov2" else str(teacher_dir))
+  reference = json.loads((workdir / "retro_reference" / "seed_0" / "config.json").read_text())
+  assert reference["objective"]["consistency_pairing"] == "cross_view"
+  assert reference["teacher"]["bn_mode"] == "batch"
+
+  # Every model evaluated on the same test rows; the table's cells are the seeds' mean +- CI.
+  results = json.loads((workdir / "results.json").read_text())
+  by_model = {(r["model"], r["features"]): r for r in results["table"]}
+  for arm in arms:
+    cell = by_model[(arm, "backbone")]["knn_k20"]
+    assert len(cell["values"]) == 2
+    assert cell["mean"] == pytest.approx(np.mean(cell["values"]))
+    assert f"| {arm} | backbone | 2 | {cell['mean']:.2f} ± {cell['ci95']:.2f} |" in out
+  for label in ("teacher", "retro__seed_1", "init__seed_0", "init__teacher"):
+    rows = json.loads((workdir / "evaluation" / f"{label}.json").read_text())
+    assert {r["protocol"] for r in rows} == {"knn_k20", "knn_k200", "linear"}
+    assert all(r["test_examples"] == 256 and 0 <= r["top1"] <= 100 for r in rows)
+  paired = {p["arm"]: p for p in results["paired"]}
+  retro, moco = by_model[("retro", "backbone")], by_model[("mocov2", "backbone")]
+  assert paired["retro"]["linear"]["values"] == pytest.approx(
+      np.subtract(retro["linear"]["values"], moco["linear"]["values"]))
+  markdown = (workdir / "results.md").read_text()
+  assert "Training diagnostics" in markdown and "| teacher |" in markdown
+  for plot in ("knn_over_training.png", "final_accuracy.png"):
+    assert (workdir / "plots" / plot).stat().st_size > 1000
+
+  # The export is the final arm's seed-0 backbone, and it embeds like that student.
+  exported, description = checkpoint.load_model(workdir / "export")
+  assert exported.head is None and description["encoder"]["architecture"] == "resnet18"
+  trained, _ = checkpoint.load_model(workdir / "retro" / "seed_0" / "student")
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(exported(images).features),
+                                np.asarray(trained(images).features))
+
+  # Again: everything is found done; nothing is trained or evaluated a second time.
+  timings = json.loads((workdir / "timings.json").read_text())
+  assert main_lib.main(args) == 0
+  again = capsys.readouterr().out
+  assert again.count("already trained") == 1 + 2 * len(arms)
+  assert "first step" not in again and "evaluate " not in again
+  assert json.loads((workdir / "timings.json").read_text()) == timings
