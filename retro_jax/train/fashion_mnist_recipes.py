@@ -76,9 +76,8 @@ def students(steps: int, arms=ARMS) -> ml_collections.ConfigDict:
     config = stage(method, student_kwargs=STUDENT, steps=steps)
     if arm == "disco":
       config.student.head_hidden = 2048
-    if arm == "retro_reference":  # TEMPORARY until recipes.authors_reference lands
-      config.objective.consistency_pairing = "cross_view"
-      config.teacher.bn_mode = "batch"
+    if arm == "retro_reference":
+      recipes.authors_reference(config)
     out[arm] = config
   return out
 
