@@ -3,8 +3,7 @@
 # of configs/study_fashion_mnist.py for SWEEP_STEPS steps at several learning rates (x the
 # recipe's 0.03, linearly scaled by batch / 256) and with MoCo's per-GPU BN + shuffle-BN
 # (bn_groups 4: 32 images a group, MoCo-v2's per-GPU batch), each point evaluated like the
-# study's models (its results.md). Resumable: finished points are skipped. The 1x point is
-# the issue's probe and the quickstart of 2026-12-02 (docs/results.md).
+# study's models (its results.md). Resumable: finished points are skipped.
 #
 #   bash scripts/study_sweep.sh [ROOT]      (default runs/study_sweep; ~5 min a point, idle)
 set -euo pipefail
@@ -22,5 +21,5 @@ point() {  # NAME OVERRIDES...
 }
 mkdir -p "$root"
 point lr_x4 --config.teacher.optimizer.lr=0.12
-point lr_x16 --config.teacher.optimizer.lr=0.48
+point lr_x1 --config.teacher.optimizer.lr=0.03
 point lr_x4_bn4 --config.teacher.optimizer.lr=0.12 --config.teacher.student.bn_groups=4
