@@ -30,8 +30,8 @@ import ml_collections
 
 from retro_jax.train import fashion_mnist_recipes as recipes
 
-TEACHER_STEPS = 600
-STUDENT_STEPS = 250
+TEACHER_STEPS = 500
+STUDENT_STEPS = 200
 
 
 def get_config(variant: str | None = None):

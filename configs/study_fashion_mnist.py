@@ -36,8 +36,8 @@ import ml_collections
 
 from retro_jax.train import fashion_mnist_recipes as recipes
 
-TEACHER_STEPS = 1800
-STUDENT_STEPS = 500
+TEACHER_STEPS = 2000
+STUDENT_STEPS = 400
 SWEEP_STEPS = 600
 
 

@@ -138,9 +138,10 @@ def paired_table(config, grouped) -> tuple[list[str], list[dict[str, Any]]]:
 
 
 def diagnostics_table(config, runs: Mapping[str, pathlib.Path]) -> list[str]:
-  """First, minimum and last value of each diagnostic metric, per arm (mean over seeds)."""
+  """First, minimum, maximum and last value of each diagnostic metric, per arm (mean over
+  seeds); 'last' is the mean of the last tenth of the logged steps."""
   names = list(config.diagnostics)
-  lines = ["| run | " + " | ".join(f"{n} (first / min / last)" for n in names) + " |",
+  lines = ["| run | " + " | ".join(f"{n} (first / min / max / last)" for n in names) + " |",
            "| --- |" + " --- |" * len(names)]
   by_arm: dict[str, list[report.RunLog]] = {}
   for label, run_dir in runs.items():
@@ -152,13 +153,14 @@ def diagnostics_table(config, runs: Mapping[str, pathlib.Path]) -> list[str]:
   for arm, logs in by_arm.items():
     cells = []
     for name in names:
-      triples = []
+      summaries = []
       for log in logs:
         _, values = log.series(name)
         values = values[np.isfinite(values)]
         if len(values):
-          triples.append((values[0], values.min(), values[-max(1, len(values) // 10):].mean()))
-      cells.append(" / ".join(f"{v:.3f}" for v in np.mean(triples, axis=0)) if triples
+          summaries.append((values[0], values.min(), values.max(),
+                          values[-max(1, len(values) // 10):].mean()))
+      cells.append(" / ".join(f"{v:.3f}" for v in np.mean(summaries, axis=0)) if summaries
                    else "-")
     lines.append(f"| {arm} ({len(logs)} run{'s' if len(logs) > 1 else ''}) | "
                  + " | ".join(cells) + " |")

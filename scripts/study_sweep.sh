@@ -22,4 +22,4 @@ point() {  # NAME OVERRIDES...
 mkdir -p "$root"
 point lr_x4 --config.teacher.optimizer.lr=0.12
 point lr_x1 --config.teacher.optimizer.lr=0.03
-point lr_x4_bn4 --config.teacher.optimizer.lr=0.12 --config.teacher.student.bn_groups=4
+point lr_x1_bn4 --config.teacher.optimizer.lr=0.03 --config.teacher.student.bn_groups=4
