@@ -181,12 +181,26 @@ def test_retro_head_gets_no_gradient_but_adapter_and_backbone_do(small_retro):
 
 
 def test_one_and_eight_devices_give_the_same_parameters(small_retro):
-  """The same global batch on 1 and on 8 devices: the same loss and parameter update.
+  """The same global batch on 1 and on 8 devices: the same loss and, to a pinned bound, update.
 
-  Element-wise comparisons are meaningless here: the consistency gradients are large (weight
-  32) and some biases get tiny gradients made of cancelling terms, where float32 reduction
-  order alone changes a few per cent. A layout bug (say, per-device batch norm) changes the
-  updates by O(1); reduction order changes them by ~1e-6 of their norm.
+  A layout bug (say, per-device batch norm) changes the updates by O(1). What remains is
+  float32 rounding, and in train mode one rounding effect is discontinuous: a ReLU gate flip.
+  Batch statistics are reduced in another order on 8 devices, so a pre-activation within ~1e-6
+  of zero can land on the other side of the ReLU; the whole gradient through that one element
+  is then switched on or off, which moves its channel's bias gradient by ~1e-3 relative and
+  everything upstream of it. On this batch (jax 0.10.2, flax 0.12.8, XLA CPU): one flip, in
+  layer1[1].bn1, example 3, channel 14 (float64 value -8e-7, positive on 1 device); update
+  difference 4.3e-4 of the norm, worst leaf 1.1e-3 (that BN's bias; its scale gradient is
+  untouched because x_hat ~ 0 there). Against a float64 run the 8-device gradient is within
+  7e-6 and the 1-device one within 4.3e-4. Without a flip the two layouts agree to ~6e-6; in
+  eval mode (no batch reductions, no flips) to ~2e-7.
+  Not the cause: flax's one-pass variance E[x^2]-E[x]^2. Here |mean|/std <= 4 at every BN and
+  the batch variances match float64 to <6e-6 on both layouts. A two-pass variance
+  (use_fast_variance=False) flips fewer gates but does not bound the gap: over 12 batches the
+  1- vs 8-device gap reached 7e-3 (worst leaf 1.2e-2) with either variance
+  (benchmarks/layout_gradient_gap.py).
+  The bounds below are 3x this batch's measurement; after a JAX/XLA upgrade a failure below
+  ~1e-2 is most likely a gate flip that moved, not a layout bug.
   """
   method, teacher = small_retro
   tx = optax.sgd(1e-3, momentum=0.9)
@@ -224,10 +238,13 @@ def test_one_and_eight_devices_give_the_same_parameters(small_retro):
   np.testing.assert_allclose(losses_eight, losses_one, rtol=1e-6)
   difference = optax.tree.norm(jax.tree.map(np.subtract, eight, one))
   print(f"update difference {difference:.3g} of the update's norm {optax.tree.norm(one):.3g}")
-  assert difference <= 1e-2 * optax.tree.norm(one)
-  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(one),
-                               jax.tree_util.tree_leaves_with_path(eight)):
-    assert np.linalg.norm(b - a) <= 0.1 * np.linalg.norm(a), jax.tree_util.keystr(path)
+  assert difference <= 1.5e-3 * optax.tree.norm(one)
+  leaves = {jax.tree_util.keystr(path): np.linalg.norm(b - a) / np.linalg.norm(a)
+            for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(one),
+                                         jax.tree_util.tree_leaves_with_path(eight))}
+  worst = max(leaves, key=leaves.get)
+  print(f"worst leaf {worst}: {leaves[worst]:.3g}")
+  assert leaves[worst] <= 3.5e-3, worst
 
 
 @pytest.mark.slow
