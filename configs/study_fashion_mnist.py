@@ -6,12 +6,13 @@ Command (2-core CPU, no accelerator; unattended, resumable: run it again after a
 
 What it runs (retro_jax/study.py; the measured table, wall times and analysis are in
 docs/results.md):
-  teacher   MoCo-v2, half-width ResNet-18 (width 32, 2.9 M parameters), 32 px, TEACHER_STEPS
-            steps of 128 at lr LR_SCALE x the recipe's (0.03 x 128 / 256), queue 4,096, key
-            momentum 0.99; the regime comes from the sweep `:sweep` (docs/results.md).
+  teacher   MoCo-v2, half-width ResNet-18 (width 32, 2.9 M parameters), 32 px, 2,000 steps
+            of 128 (4.3 epochs) at the recipe's lr (0.03 x 128 / 256, per-step cosine), queue
+            4,096, key momentum 0.99, SyncBN; the sweep (`:sweep`, scripts/study_sweep.sh)
+            found 4x the lr worse and MoCo's shuffle-BN (4 groups of 32) no better.
   students  a quarter-width ResNet-18 (width 16, 0.7 M parameters) with timm's
             zero_init_last_bn (the authors' ResNet students), the SAME budget for every arm
-            (STUDENT_STEPS steps of 128, the same augmentation, optimiser and queue), seeds 0, 1, 2:
+            (400 steps of 128, the same augmentation, optimiser and queue), seeds 0, 1, 2:
               mocov2           MoCo-v2 alone (own MLP head 128-128-128), no teacher
               disco            DisCo: own head 128-2048-128 + consistency to the teacher
               retro            Retro as the library's default (the best reading): DisCo's
@@ -25,8 +26,8 @@ docs/results.md):
             each head's embedding (Retro: the pooled adapter output, the authors' protocol)
 
 Variants:
-  :sweep   the teacher-regime sweep (teacher only, TEACHER_SWEEP_STEPS steps per point; pick a
-           point with --config.teacher.optimizer.lr=... etc.; see docs/results.md)
+  :sweep   the teacher alone for 600 steps, the sweep's base point: scripts/study_sweep.sh
+           runs it at each setting (--config.teacher.optimizer.lr=..., ...student.bn_groups=...)
   :test    every stage with 3 steps, 2 seeds and small splits: the same path, for the tests
 """
 
