@@ -26,8 +26,6 @@ same code path; what the tests run).
 
 from __future__ import annotations
 
-import ml_collections
-
 from retro_jax.train import fashion_mnist_recipes as recipes
 
 TEACHER_STEPS = 500
@@ -35,19 +33,10 @@ STUDENT_STEPS = 200
 
 
 def get_config(variant: str | None = None):
-  config = ml_collections.ConfigDict()
-  config.task = "study"
-  config.title = "retro_jax quickstart: MoCo-v2 teacher -> Retro student on Fashion-MNIST"
-  config.seed = 0
-  config.data_dir = ""  # TFDS data directory ("" = TFDS's default, ~/tensorflow_datasets)
-  config.seeds = [0]
-  config.teacher = recipes.teacher(TEACHER_STEPS)
-  config.students = recipes.students(STUDENT_STEPS, arms=("retro", "mocov2"))
-  config.final = "retro"
-  config.baseline = "mocov2"
-  config.export = True
-  config.evaluation = recipes.evaluation()
-  config.diagnostics = list(recipes.DIAGNOSTICS)
+  config = recipes.study_config(
+      "retro_jax quickstart: MoCo-v2 teacher -> Retro student on Fashion-MNIST",
+      teacher_steps=TEACHER_STEPS, student_steps=STUDENT_STEPS, seeds=(0,),
+      arms=("retro", "mocov2"), export=True)
   if variant == "test":
     recipes.tiny(config)
   elif variant is not None:

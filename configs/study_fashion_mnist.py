@@ -33,8 +33,6 @@ Variants:
 
 from __future__ import annotations
 
-import ml_collections
-
 from retro_jax.train import fashion_mnist_recipes as recipes
 
 TEACHER_STEPS = 2000
@@ -43,19 +41,9 @@ SWEEP_STEPS = 600
 
 
 def get_config(variant: str | None = None):
-  config = ml_collections.ConfigDict()
-  config.task = "study"
-  config.title = "retro_jax study: MoCo-v2 teacher -> students on Fashion-MNIST"
-  config.seed = 0
-  config.data_dir = ""  # TFDS data directory ("" = TFDS's default, ~/tensorflow_datasets)
-  config.seeds = [0, 1, 2]
-  config.teacher = recipes.teacher(TEACHER_STEPS)
-  config.students = recipes.students(STUDENT_STEPS)
-  config.final = "retro"
-  config.baseline = "mocov2"  # the paired differences are taken against this arm
-  config.export = False
-  config.evaluation = recipes.evaluation()
-  config.diagnostics = list(recipes.DIAGNOSTICS)
+  config = recipes.study_config(
+      "retro_jax study: MoCo-v2 teacher -> students on Fashion-MNIST",
+      teacher_steps=TEACHER_STEPS, student_steps=STUDENT_STEPS, seeds=(0, 1, 2))
   if variant == "sweep":
     config.teacher.total_steps = SWEEP_STEPS
     config.students = {}

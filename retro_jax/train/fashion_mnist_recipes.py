@@ -94,6 +94,25 @@ DIAGNOSTICS = ("info_nce", "accuracy", "positive_similarity", "negative_similari
                "consistency_q", "consistency_k")
 
 
+def study_config(title: str, *, teacher_steps: int, student_steps: int, seeds, arms=ARMS,
+                 final: str = "retro", export: bool = False) -> ml_collections.ConfigDict:
+  """An unlocked study config (the layout of retro_jax/study.py) on these recipes."""
+  config = ml_collections.ConfigDict()
+  config.task = "study"
+  config.title = title
+  config.seed = 0  # the teacher's
+  config.data_dir = ""  # TFDS data directory ("" = TFDS's default, ~/tensorflow_datasets)
+  config.seeds = list(seeds)
+  config.teacher = teacher(teacher_steps)
+  config.students = students(student_steps, arms)
+  config.final = final
+  config.baseline = "mocov2"  # the paired differences are taken against this arm
+  config.export = export
+  config.evaluation = evaluation()
+  config.diagnostics = list(DIAGNOSTICS)
+  return config
+
+
 def tiny(config: ml_collections.ConfigDict) -> None:
   """Cuts a study config to a few steps of 32 with small splits (the `:test` variants)."""
   for run in (config.teacher, *config.students.values()):
