@@ -11,8 +11,8 @@ continues where it stopped when the same command runs again.
                (no pretrained teacher can be downloaded here; real users convert one)
   3. students  every arm of config.students, for every seed     WORKDIR/<arm>/seed_<s>/
                (the same budget for all: the arms differ only in what the config says)
-  4. init      the untrained networks (the teacher's, and the    WORKDIR/init/
-               student's at every seed): the baseline to beat
+  4. init      the untrained networks (the student's at every    WORKDIR/init/
+               seed, and the teacher's): the baselines to beat
   5. evaluate  k-NN and linear probe of every model               WORKDIR/evaluation/
   6. export    the final arm's seed-0 student (config.export)    WORKDIR/export/
   7. summary   results.md / results.json, plots/, the table on stdout (retro_jax.study_report)
@@ -23,6 +23,7 @@ Layout of the config (configs/study_fashion_mnist.py builds one):
   students         {arm: training config}; the teacher's checkpoint is filled in
   final            the arm exported and named "final" in stages.json
   export           whether to export it
+  untrained_teacher  whether to evaluate the teacher's network untrained too
   evaluation       train_split, test_split, protocols, features, knn_ks, image_size, linear_*
   diagnostics      metric names summarised per arm (first, minimum, last)
 
@@ -233,8 +234,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
       models[label] = train_stage(stage_config, label, workdir / label, timings)
       runs[label] = workdir / label
   # The untrained networks: the teacher's (its seed) and the students' (every seed).
-  models["init/teacher"] = untrained_model(teacher_stage, config.seed,
-                                           workdir / "init" / "teacher")
+  if config.untrained_teacher:
+    models["init/teacher"] = untrained_model(teacher_stage, config.seed,
+                                             workdir / "init" / "teacher")
   for seed in config.seeds if config.students else ():
     models[f"init/seed_{seed}"] = untrained_model(next(iter(config.students.values())), seed,
                                                   workdir / "init" / f"seed_{seed}")

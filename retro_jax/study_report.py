@@ -8,8 +8,9 @@ plots/final_accuracy.png (each model group's mean with its 95 % interval).
 Groups: the teacher, every student arm (its seeds), the untrained student network (its seeds)
 and the untrained teacher network. An interval is the Student-t 95 % interval of the mean over
 seeds, mean +- t(0.975, n - 1) * sd / sqrt(n) with the sample sd; a group of one run has none.
-Paired differences: each arm against `config.baseline` at the same seed (the same
-initialisation and data order), so the seed-to-seed spread of the networks cancels.
+Paired differences: each arm against `config.baseline`, then every other pair of arms, at
+the same seed (the same initialisation and data order), so the seed-to-seed spread of the
+networks cancels.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def groups(config: ml_collections.ConfigDict,
     out[arm] = {f"seed_{s}": results[f"{arm}/seed_{s}"] for s in config.seeds}
   if config.students:
     out[UNTRAINED_STUDENT] = {f"seed_{s}": results[f"init/seed_{s}"] for s in config.seeds}
-  out[UNTRAINED_TEACHER] = {"seed": results["init/teacher"]}
+  if "init/teacher" in results:
+    out[UNTRAINED_TEACHER] = {"seed": results["init/teacher"]}
   return out
 
 
@@ -106,24 +108,32 @@ def accuracy_table(config, grouped) -> tuple[list[str], list[dict[str, Any]]]:
   return lines, data
 
 
-def paired_table(config, grouped) -> tuple[list[str], list[dict[str, Any]]]:
-  """Each arm minus config.baseline at the same seed, on the backbone features."""
+def _pairs(config) -> list[tuple[str, str]]:
+  """(arm, other): every arm against config.baseline, then each remaining pair once."""
   baseline = config.get("baseline")
-  if not baseline or baseline not in grouped or len(config.seeds) < 2:
+  arms = sorted(config.students)
+  pairs = [(arm, baseline) for arm in arms if baseline in arms and arm != baseline]
+  rest = [arm for arm in arms if arm != baseline]
+  pairs += [(b, a) for i, a in enumerate(rest) for b in rest[i + 1:]]
+  return pairs
+
+
+def paired_table(config, grouped) -> tuple[list[str], list[dict[str, Any]]]:
+  """Differences between arms at the same seed, on the backbone features: each arm minus
+  config.baseline, then each other pair of arms."""
+  if len(config.seeds) < 2:
     return [], []
   columns = _columns(config)
-  lines = [f"| arm - {baseline} (same seed) | " + " | ".join(columns) + " |",
+  lines = ["| arm - other arm (same seed) | " + " | ".join(columns) + " |",
            "| --- |" + " ---: |" * len(columns)]
   data = []
-  for arm in config.students:
-    if arm == baseline:
-      continue
-    cells, record = [], {"arm": arm, "baseline": baseline}
+  for arm, other in _pairs(config):
+    cells, record = [], {"arm": arm, "baseline": other}
     for column in columns:
       diffs = []
       for seed in grouped[arm]:
         a = _values({seed: grouped[arm][seed]}, column, "backbone")
-        b = _values({seed: grouped[baseline][seed]}, column, "backbone")
+        b = _values({seed: grouped[other][seed]}, column, "backbone")
         if a and b:
           diffs.append(a[0] - b[0])
       if diffs:
@@ -132,7 +142,7 @@ def paired_table(config, grouped) -> tuple[list[str], list[dict[str, Any]]]:
         record[column] = {"mean": mean, "ci95": half, "values": diffs}
       else:
         cells.append("-")
-    lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines.append(f"| {arm} - {other} | " + " | ".join(cells) + " |")
     data.append(record)
   return lines, data
 

@@ -91,10 +91,14 @@ def test_study_runs_every_stage_and_resumes(fashion_mnist_tfds, tmp_path, capsys
     rows = json.loads((workdir / "evaluation" / f"{label}.json").read_text())
     assert {r["protocol"] for r in rows} == {"knn_k20", "knn_k200", "linear"}
     assert all(r["test_examples"] == 256 and 0 <= r["top1"] <= 100 for r in rows)
-  paired = {p["arm"]: p for p in results["paired"]}
-  retro, moco = by_model[("retro", "backbone")], by_model[("mocov2", "backbone")]
-  assert paired["retro"]["linear"]["values"] == pytest.approx(
-      np.subtract(retro["linear"]["values"], moco["linear"]["values"]))
+  paired = {(p["arm"], p["baseline"]): p for p in results["paired"]}
+  assert set(paired) == {("disco", "mocov2"), ("retro", "mocov2"), ("retro_reference", "mocov2"),
+                         ("retro", "disco"), ("retro_reference", "disco"),
+                         ("retro_reference", "retro")}
+  for arm, other in (("retro", "mocov2"), ("retro", "disco")):
+    assert paired[(arm, other)]["linear"]["values"] == pytest.approx(np.subtract(
+        by_model[(arm, "backbone")]["linear"]["values"],
+        by_model[(other, "backbone")]["linear"]["values"]))
   markdown = (workdir / "results.md").read_text()
   assert "Training diagnostics" in markdown and "| teacher |" in markdown
   for plot in ("knn_over_training.png", "final_accuracy.png"):

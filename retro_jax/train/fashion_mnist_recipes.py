@@ -95,7 +95,8 @@ DIAGNOSTICS = ("info_nce", "accuracy", "positive_similarity", "negative_similari
 
 
 def study_config(title: str, *, teacher_steps: int, student_steps: int, seeds, arms=ARMS,
-                 final: str = "retro", export: bool = False) -> ml_collections.ConfigDict:
+                 final: str = "retro", export: bool = False,
+                 untrained_teacher: bool = True) -> ml_collections.ConfigDict:
   """An unlocked study config (the layout of retro_jax/study.py) on these recipes."""
   config = ml_collections.ConfigDict()
   config.task = "study"
@@ -108,6 +109,7 @@ def study_config(title: str, *, teacher_steps: int, student_steps: int, seeds, a
   config.final = final
   config.baseline = "mocov2"  # the paired differences are taken against this arm
   config.export = export
+  config.untrained_teacher = untrained_teacher
   config.evaluation = evaluation()
   config.diagnostics = list(DIAGNOSTICS)
   return config
