@@ -126,7 +126,8 @@ def _stage_config(stage: ml_collections.ConfigDict, config: ml_collections.Confi
 
 def untrained_model(stage: ml_collections.ConfigDict, seed: int,
                     out: pathlib.Path) -> pathlib.Path:
-  """The backbone of `stage`'s student at initialisation (as the training run builds it)."""
+  """`stage`'s student backbone at initialisation: its architecture and initialisation
+  scheme drawn with `seed` (not the training run's own draw, which splits its keys otherwise)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from retro_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from retro_jax.models.encoder import EncoderSpec  # pylint: disable=g-import-not-at-top
@@ -203,7 +204,8 @@ def _check(config: ml_collections.ConfigDict) -> None:
       raise StudyError(f"students: {arm!r} cannot name an arm (reserved or a path)")
     if stage.method == "mocov2" and stage.teacher.checkpoint:
       raise StudyError(f"students.{arm}: mocov2 trains without a teacher")
-  networks = {(s.student.name, repr(s.student.kwargs.to_dict())) for s in config.students.values()}
+  networks = {(stage.student.name, repr(stage.student.kwargs.to_dict()))
+              for stage in config.students.values()}
   if len(networks) > 1:
     raise StudyError(f"students: the arms must train the same network, got {sorted(networks)}")
 
