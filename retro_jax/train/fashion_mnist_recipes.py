@@ -2,7 +2,8 @@
 configs/study_fashion_mnist.py): one teacher stage, the student arms, the evaluation.
 
 Every stage is a MoCo-style training config (`recipes.contrastive_config`) on 32 px
-Fashion-MNIST with standard ImageNet stems (a low-resolution stem costs ~7x per step here).
+Fashion-MNIST with standard ImageNet stems (a low-resolution stem cost roughly 7x per step in
+a first, unpaired probe: docs/results.md).
 The values marked "sweep" come from the teacher-regime sweep recorded in docs/results.md.
 """
 
