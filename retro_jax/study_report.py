@@ -147,12 +147,9 @@ def paired_table(config, grouped) -> tuple[list[str], list[dict[str, Any]]]:
   return lines, data
 
 
-def diagnostics_table(config, runs: Mapping[str, pathlib.Path]) -> list[str]:
-  """First, minimum, maximum and last value of each diagnostic metric, per arm (mean over
-  seeds); 'last' is the mean of the last tenth of the logged steps."""
-  names = list(config.diagnostics)
-  lines = ["| run | " + " | ".join(f"{n} (first / min / max / last)" for n in names) + " |",
-           "| --- |" + " --- |" * len(names)]
+def logs_by_arm(runs: Mapping[str, pathlib.Path]) -> dict[str, list[report.RunLog]]:
+  """Each run's metrics.jsonl, read once, grouped by arm ('teacher', 'retro', ...); runs
+  that logged nothing are left out."""
   by_arm: dict[str, list[report.RunLog]] = {}
   for label, run_dir in runs.items():
     try:
@@ -160,6 +157,15 @@ def diagnostics_table(config, runs: Mapping[str, pathlib.Path]) -> list[str]:
     except report.ReportError:
       continue
     by_arm.setdefault(label.split("/")[0], []).append(log)
+  return by_arm
+
+
+def diagnostics_table(config, by_arm: Mapping[str, list[report.RunLog]]) -> list[str]:
+  """First, minimum, maximum and last value of each diagnostic metric, per arm (mean over
+  seeds); 'last' is the mean of the last tenth of the logged steps."""
+  names = list(config.diagnostics)
+  lines = ["| run | " + " | ".join(f"{n} (first / min / max / last)" for n in names) + " |",
+           "| --- |" + " --- |" * len(names)]
   for arm, logs in by_arm.items():
     cells = []
     for name in names:
@@ -177,24 +183,21 @@ def diagnostics_table(config, runs: Mapping[str, pathlib.Path]) -> list[str]:
   return lines
 
 
-def _knn_curves(config, runs: Mapping[str, pathlib.Path], path: pathlib.Path) -> None:
+def _knn_curves(by_arm: Mapping[str, list[report.RunLog]], path: pathlib.Path) -> None:
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   figure = Figure(figsize=(7.5, 4.5), layout="constrained")
   FigureCanvasAgg(figure)
   ax = figure.subplots()
-  by_arm: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+  curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
   name = None
-  for label, run_dir in runs.items():
-    try:
-      log = report.read_metrics(run_dir)
-    except report.ReportError:
-      continue
-    knn = [n for n in log.names if n.startswith("knn_top1_")]
-    if knn:
-      name = knn[0]
-      by_arm.setdefault(label.split("/")[0], []).append(log.series(name))
-  for i, (arm, series) in enumerate(by_arm.items()):
+  for arm, logs in by_arm.items():
+    for log in logs:
+      knn = [n for n in log.names if n.startswith("knn_top1_")]
+      if knn:
+        name = knn[0]
+        curves.setdefault(arm, []).append(log.series(name))
+  for i, (arm, series) in enumerate(curves.items()):
     length = min(len(s[0]) for s in series)
     steps = series[0][0][:length]
     values = np.stack([s[1][:length] for s in series])
@@ -258,7 +261,8 @@ def write(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   paired_lines, paired = paired_table(config, grouped)
   plots = workdir / PLOTS_DIR
   plots.mkdir(exist_ok=True)
-  _knn_curves(config, runs, plots / "knn_over_training.png")
+  logs = logs_by_arm(runs)
+  _knn_curves(logs, plots / "knn_over_training.png")
   _accuracy_bars(config, data, plots / "final_accuracy.png")
   lines = [f"# {config.title}", "",
            f"Top-1 (%) on `{config.evaluation.test_split}` of Fashion-MNIST; k-NN bank and "
@@ -271,7 +275,7 @@ def write(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     lines += ["Paired differences on the backbone features (same seed: same initialisation "
               "and data order), mean ± 95 % interval:", "", *paired_lines, ""]
   lines += ["Training diagnostics (logged metrics; 'last' is the mean of the last tenth of the "
-            "logged steps):", "", *diagnostics_table(config, runs), "",
+            "logged steps):", "", *diagnostics_table(config, logs), "",
             "Wall time per stage on this machine (resumed stages add up their invocations):",
             "", *_timings_lines(timings), "",
             "![k-NN over training](plots/knn_over_training.png)", "",
