@@ -19,9 +19,18 @@ first. Eval mode (`use_running_average`) ignores the groups.
 
 `set_batch_groups(model, G)` sets the attribute on every BatchNorm of a module tree, as
 `retro_jax.train.teacher.set_batch_norm_mode` switches their mode.
+
+Stacked batches (`stacked_batches(model, S)`, a context): the input is S batches stacked
+along axis 0 (e.g. a method's two views), and each is normalised exactly as its own forward
+call would normalise it: statistics over S * G slices, and the running statistics updated
+once per batch in order, as S successive calls update them. One forward of the stack then
+replaces S forwards (one pass over the weights, larger matmuls, one copy of the network in
+the compiled step).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -35,20 +44,23 @@ class BatchNorm(nnx.BatchNorm):
   def __init__(self, num_features: int, *, batch_groups: int = 1, **kwargs):
     super().__init__(num_features, **kwargs)
     self.batch_groups = _check_groups(batch_groups)
+    self.stacked = 1  # batches stacked on axis 0; set by `stacked_batches`
 
   def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
                mask: jax.Array | None = None) -> jax.Array:
     if use_running_average is None:
       use_running_average = self.use_running_average
-    groups = self.batch_groups
+    stacked = self.stacked
+    groups = self.batch_groups * stacked
     if groups == 1 or use_running_average:
       return super().__call__(x, use_running_average, mask=mask)
     if mask is not None:
       raise NotImplementedError("BatchNorm: a mask with batch_groups > 1")
     batch = x.shape[0]
     if batch % groups:
-      raise ValueError(f"BatchNorm: batch_groups={groups} does not divide the batch of "
-                       f"{batch} (student.bn_groups must divide the global batch size)")
+      raise ValueError(f"BatchNorm: batch_groups={self.batch_groups} x {stacked} stacked "
+                       f"batches does not divide the batch of {batch} (student.bn_groups must "
+                       "divide the global batch size)")
     axes = _canonical_axes(x.ndim, self.axis)
     if 0 in axes:
       raise ValueError("BatchNorm: batch_groups > 1 needs the batch axis 0 to be reduced")
@@ -60,11 +72,14 @@ class BatchNorm(nnx.BatchNorm):
     features = tuple(a + 1 for a in axes)
     reduce = tuple(a for a in range(1, grouped.ndim) if a not in features)
     group_mean, group_var = _moments(grouped, reduce, self.dtype, self.use_fast_variance)
-    # Flax's update rule, with the groups' mean of each statistic as the batch statistic.
-    self.mean[...] = jax.lax.stop_gradient(
-        self.momentum * self.mean[...] + (1 - self.momentum) * group_mean.mean(0))
-    self.var[...] = jax.lax.stop_gradient(
-        self.momentum * self.var[...] + (1 - self.momentum) * group_var.mean(0))
+    # Flax's update rule, with the groups' mean of each statistic as the batch statistic,
+    # applied once per stacked batch in order.
+    for mean, var in zip(group_mean.reshape((stacked, -1) + group_mean.shape[1:]),
+                         group_var.reshape((stacked, -1) + group_var.shape[1:])):
+      self.mean[...] = jax.lax.stop_gradient(
+          self.momentum * self.mean[...] + (1 - self.momentum) * mean.mean(0))
+      self.var[...] = jax.lax.stop_gradient(
+          self.momentum * self.var[...] + (1 - self.momentum) * var.mean(0))
     stats_shape = tuple(1 if a in reduce else n for a, n in enumerate(grouped.shape))
     feature_shape = tuple(n if a in features else 1 for a, n in enumerate(grouped.shape))
     mul = jax.lax.rsqrt(group_var.reshape(stats_shape) + self.epsilon)
@@ -118,3 +133,26 @@ def set_batch_groups(model: nnx.Module, groups: int) -> int:
       raise TypeError(f"{'.'.join(map(str, path))}: an nnx.BatchNorm without batch_groups; "
                       "build it with retro_jax.models.batch_norm.BatchNorm")
   return count
+
+
+@contextlib.contextmanager
+def stacked_batches(modules, count: int):
+  """Within the block, every BatchNorm of `modules` takes its input as `count` stacked batches.
+
+  Args:
+    modules: a module or a sequence of modules (None entries are skipped).
+    count: how many equal batches are stacked along axis 0.
+  """
+  if isinstance(modules, nnx.Module):
+    modules = (modules,)
+  layers = [m for module in modules if module is not None
+            for _, m in nnx.iter_modules(module) if isinstance(m, BatchNorm)]
+  previous = [m.stacked for m in layers]
+  for m in layers:
+    m.stacked = _check_groups(count)
+  try:
+    yield
+  finally:
+    for m, value in zip(layers, previous):
+      m.stacked = value
+

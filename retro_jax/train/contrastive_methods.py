@@ -44,6 +44,7 @@ from flax import nnx
 from retro_jax.models import create_backbone
 from retro_jax.models.adapters import create_adapter
 from retro_jax.models.batch_norm import set_batch_groups
+from retro_jax.models.batch_norm import stacked_batches
 from retro_jax.models.encoder import PooledAdapter
 from retro_jax.models.heads import MLPHead
 from retro_jax.objectives import contrastive
@@ -114,6 +115,9 @@ class ContrastiveMethod:
       its options (e.g. activation='hard_mish' for MobileNetV3, as the Retro code).
     bn_groups: batch-norm statistics over this many slices of the batch, with shuffle-BN for
       the key encoder when > 1 (the module docstring); 1: over the whole batch.
+    stack_views: the student's two views (when both need its gradient) go through one
+      forward of their concatenation, each still normalised by its own statistics; False:
+      two forwards. The same mathematics; stacked is faster and compiles a smaller step.
   """
   name: str
   objective: Any
@@ -123,6 +127,7 @@ class ContrastiveMethod:
   adapter: str = "inverted_residual"
   adapter_kwargs: dict = dataclasses.field(default_factory=dict)
   bn_groups: int = 1
+  stack_views: bool = True
 
   def __post_init__(self):
     if self.name not in METHODS:
@@ -189,6 +194,22 @@ class ContrastiveMethod:
     head = model.ema_head if ema else model.head
     return head(out.pooled)
 
+  def _student_embeddings(self, model: ContrastiveStudent, teacher, views):
+    """The student's embeddings of each view, from one forward of the stacked views.
+
+    Each view is still normalised by its own batch statistics and updates the running ones
+    in turn (`stacked_batches`), as separate calls would; `stack_views=False` makes the
+    separate calls.
+    """
+    if not self.stack_views:
+      return [self._student_embedding(model, teacher, x, ema=False) for x in views]
+    # The teacher's head is in the path of retro's embeddings; it holds BN only in batch mode.
+    modules = (model.backbone, model.head, model.adapter,
+               teacher.head if self.name == "retro" else None)
+    with stacked_batches(modules, len(views)):
+      both = self._student_embedding(model, teacher, jnp.concatenate(views), ema=False)
+    return jnp.split(both, len(views))
+
   def _keys(self, model: ContrastiveStudent, teacher, images, key):
     """The momentum encoder's embeddings of `images`, through shuffle-BN when BN is grouped.
 
@@ -216,16 +237,16 @@ class ContrastiveMethod:
     symmetric = self.objective.symmetric
     needs_qk = symmetric or self.name == "disco" or (
         self.name == "retro" and self.objective.consistency_pairing == "same_view")
-    q = self._student_embedding(model, teacher, x1, ema=False)
-    qk = self._student_embedding(model, teacher, x2, ema=False) if needs_qk else None
+    if needs_qk:
+      q, qk = self._student_embeddings(model, teacher, (x1, x2))
+    else:
+      q, qk = self._student_embedding(model, teacher, x1, ema=False), None
     k = jax.lax.stop_gradient(self._keys(model, teacher, x2, key_views[1]))
     kq = (jax.lax.stop_gradient(self._keys(model, teacher, x1, key_views[0]))
           if symmetric else None)
     if self.name == "mocov2":
       return mocov2.loss(state, q, k, qk=qk, kq=kq, config=self.objective)
-    t_q, t_k = (jax.lax.stop_gradient(
-        teacher(teacher_lib.as_input(teacher, x)).embedding.astype(jnp.float32))
-                for x in (x1, x2))
+    t_q, t_k = teacher_lib.embed_views(teacher, (x1, x2))
     loss_fn = retro.loss if self.name == "retro" else disco.loss
     return loss_fn(state, q, qk, k, t_q, t_k, kq=kq, config=self.objective)
 

@@ -266,3 +266,27 @@ def as_input(teacher: nnx.Module, images: jax.Array) -> jax.Array:
   if teacher_input is not None:
     images = teacher_input(images)
   return images.astype(compute_dtype(teacher))
+
+
+def uses_batch_statistics(teacher: nnx.Module) -> bool:
+  """Whether any BatchNorm of `teacher` normalises with the batch's statistics (bn_mode 'batch')."""
+  return any(isinstance(m, nnx.BatchNorm) and not m.use_running_average
+             for _, m in nnx.iter_modules(teacher))
+
+
+def embed_views(teacher: nnx.Module, views) -> list[jax.Array]:
+  """The teacher's float32 embeddings of each view (B, D), without gradient.
+
+  With running statistics (bn_mode 'eval') the teacher is a fixed function of each image, so
+  the views go through one forward of their concatenation: the same numbers (up to float
+  rounding of larger matmuls) for one pass over the weights instead of one per view. In
+  bn_mode 'batch' each view is its own forward, normalised by its own batch statistics, as
+  the authors' separate calls are.
+  """
+  if uses_batch_statistics(teacher) or len(views) == 1:
+    embeddings = [teacher(as_input(teacher, x)).embedding for x in views]
+  else:
+    both = teacher(as_input(teacher, jnp.concatenate(views))).embedding
+    embeddings = jnp.split(both, len(views))
+  return [jax.lax.stop_gradient(e.astype(jnp.float32)) for e in embeddings]
+

@@ -17,6 +17,7 @@ from retro_jax.models.encoder import EncoderSpec
 from retro_jax.models.encoder import build_encoder
 from retro_jax.objectives import disco
 from retro_jax.objectives import mocov2
+from retro_jax.objectives import retro
 from retro_jax.train import loop
 from retro_jax.train import mesh as mesh_lib
 from retro_jax.train import recipes
@@ -98,6 +99,41 @@ def test_one_group_skips_the_shuffle():
       nnx.clone(model), x)
   keys = nnx.jit(lambda m, x: method._keys(m, None, x, None))(model, x)
   np.testing.assert_array_equal(keys, plain)
+
+
+def test_stacked_views_equal_separate_forwards():
+  """One forward of both views (stack_views) = two forwards: gradients and BN statistics.
+
+  Retro (its adapter's BN is in the stack too) with 2 BN groups per view.
+  """
+  teacher = build_encoder(EncoderSpec("resnet18", STUDENT, "mlp", {"dims": [64, 64, 16]}),
+                          rngs=nnx.Rngs(1))
+  teacher.eval()
+  objective = retro.Config(queue_size=32, embed_dim=16)
+  methods = [ContrastiveMethod("retro", objective, "resnet18", STUDENT, head_hidden=32,
+                               bn_groups=2, stack_views=stack) for stack in (True, False)]
+  model = methods[0].build(teacher, rngs=nnx.Rngs(0))
+  model.train()
+  graphdef, params, rest = nnx.split(model, methods[0].trainable_filter(), ...)
+  views = (_images(8, 1), _images(8, 2))
+  queue = methods[0].init_state(jax.random.key(1))
+
+  def run(method):
+    def loss(params):
+      model = nnx.merge(graphdef, params, rest, copy=True)
+      value = method.loss(model, teacher, views, queue, key=jax.random.key(5))[0]
+      return value, nnx.state(model, nnx.BatchStat)
+    return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+  (grads, stats), (grads_separate, stats_separate) = run(methods[0]), run(methods[1])
+  # Float32 rounding only (other reduction orders): each tensor within 1e-5 of its norm.
+  for got, want in ((grads, grads_separate), (stats, stats_separate)):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-7
+  # And the statistics compared did move: the equality above is not of two untouched trees.
+  before = jax.tree.leaves(nnx.state(model.backbone, nnx.BatchStat))
+  after = jax.tree.leaves(stats["backbone"])
+  assert all(not np.allclose(a, b) for a, b in zip(before[:2], after[:2]))
 
 
 @pytest.mark.slow
