@@ -6,7 +6,11 @@ XLA flags must be in the environment before either is imported anywhere):
   2. TensorFlow sees no GPU/TPU: it is only the host-side input pipeline.
   3. No network: connections to anything but loopback fail at once, and TFDS makes one
      download attempt instead of retrying for ~200 s.
-  4. Fixtures: `workdir` (a fresh training directory), `tfds_data_dir` (an empty TFDS data
+  4. One persistent XLA compilation cache for the whole test run (and every subprocess and
+     pytest-xdist worker it starts): a step that several tests, modules or CLI runs compile
+     alike is compiled once. A fresh folder per run, removed at the end, unless
+     JAX_COMPILATION_CACHE_DIR names one.
+  5. Fixtures: `workdir` (a fresh training directory), `tfds_data_dir` (an empty TFDS data
      directory), `fashion_mnist_dir` (the real Fashion-MNIST IDX files from Debian's
      `dataset-fashion-mnist`).
 Tests slower than ~30 s on a 2-core CPU carry `@pytest.mark.slow`; `pytest -m "not slow"` is the
@@ -18,7 +22,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import pathlib
+import shutil
 import socket
+import tempfile
 
 NUM_SIMULATED_DEVICES = 8
 
@@ -33,7 +39,27 @@ def _force_simulated_cpu_devices() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+# Compiles shorter than this are not written to the cache: the many tiny programs of eager
+# ops would cost more disk writes than they save.
+_CACHE_MIN_COMPILE_SECONDS = "0.5"
+_own_cache_dir: str | None = None
+
+
+def _share_compilation_cache() -> None:
+  """Points JAX (here, in xdist workers and in subprocesses) at one cache for the run.
+
+  The environment is read by JAX when it is first imported; xdist workers and CLI subprocesses
+  inherit it, so they all share the folder this process creates.
+  """
+  global _own_cache_dir
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _own_cache_dir = tempfile.mkdtemp(prefix="retro_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _own_cache_dir
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", _CACHE_MIN_COMPILE_SECONDS)
+
+
 _force_simulated_cpu_devices()
+_share_compilation_cache()
 
 # Only now may JAX or TensorFlow be imported.
 import pytest  # noqa: E402
@@ -91,6 +117,8 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
   del config
   socket.getaddrinfo = _real_getaddrinfo
+  if _own_cache_dir is not None:
+    shutil.rmtree(_own_cache_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -140,23 +168,3 @@ def fashion_mnist_tfds(tmp_path_factory, fashion_mnist_dir) -> pathlib.Path:
   prepare.prepare("fashion_mnist", data_dir=data_dir, source_dir=fashion_mnist_dir,
                   log=lambda message: None)
   return data_dir
-
-
-@pytest.fixture(scope="module")
-def persistent_compilation_cache(tmp_path_factory):
-  """XLA's persistent compilation cache in a fresh folder for one test module.
-
-  Runs that build the same step again (another seed, a resumed run) then load the compiled
-  executable instead of compiling it a second time.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
-  previous = (jax.config.jax_compilation_cache_dir,
-              jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.reset_cache()  # The cache reads its directory once; make it read ours.
-  yield
-  jax.config.update("jax_compilation_cache_dir", previous[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
-  compilation_cache.reset_cache()

@@ -52,7 +52,6 @@ def test_quickstart_is_a_one_seed_study_with_the_moco_alone_row():
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("persistent_compilation_cache")
 def test_study_runs_every_stage_and_resumes(fashion_mnist_tfds, tmp_path, capsys):
   workdir = tmp_path / "study"
   args = ["--config", f"{CONFIGS / 'study_fashion_mnist.py'}:test", "--workdir", str(workdir),

@@ -1,7 +1,7 @@
 """The training engine end to end: the smoke config through the CLI, resume, device counts.
 
-Compiles dominate here, so the module shares one persistent XLA compilation cache: the runs
-of the same step function after the first one load it instead of compiling again.
+Compiles dominate here: the runs of the same step function after the first one load it from
+the test run's persistent XLA compilation cache (tests/conftest.py) instead of compiling again.
 """
 
 from __future__ import annotations
@@ -31,9 +31,6 @@ from retro_jax.train.contrastive_methods import ContrastiveMethod
 # The end-to-end tests use the ResNet-18 recipe: its step compiles several times faster than
 # EfficientNet-B0's on CPU. Every config trains two steps in test_every_config_....
 CONFIG = str(pathlib.Path(__file__).parents[2] / "configs" / "resnet18.py")
-
-
-pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
 
 
 def smoke_args(workdir, data_dir, *overrides):
