@@ -13,8 +13,9 @@ MSN call torchvision's transforms on PIL images):
     attempt that fits wins, else a centre crop clamped to the ratio range. The 10 attempts are
     drawn at once and the first valid one is taken, which has the same distribution.
   * `resize` is PIL's `Image.resize` with BILINEAR or BICUBIC (what torchvision calls on PIL
-    images) through `tf.image.resize(antialias=True)`, which has the same kernels; see
-    `resize` for the measured differences and the optional PIL-exact rounding.
+    images) with `tf.image.resize(antialias=True)`'s kernels, which are PIL's, run as two
+    fast one-axis passes; see `host_resize` for the measured differences and the optional
+    PIL-exact rounding.
   * JPEGs are decoded with libjpeg's accurate integer DCT, as PIL does: the pixels equal PIL's
     (TF's default fast DCT differs by up to ~6 levels).
   * `eval_view` is `Resize(round(size / crop_fraction))` then `CenterCrop(size)`.
@@ -25,13 +26,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Literal
 
+from retro_jax.data import host_resize
 from retro_jax.data.tf_runtime import import_tensorflow
 
 tf = import_tensorflow()
 
-Interpolation = Literal["bilinear", "bicubic"]
+Interpolation = host_resize.Interpolation
 
 # torchvision's RandomResizedCrop.get_params tries this many boxes before its fallback.
 NUM_CROP_ATTEMPTS = 10
@@ -75,8 +76,7 @@ class CropSpec:
 
 
 def _check_interpolation(interpolation: str) -> None:
-  if interpolation not in ("bilinear", "bicubic"):
-    raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {interpolation!r}")
+  host_resize.check_interpolation(interpolation)
 
 
 def _round_half_even(x: tf.Tensor) -> tf.Tensor:
@@ -132,49 +132,11 @@ def crop_box(seed: tf.Tensor, height: tf.Tensor | int, width: tf.Tensor | int,
   return tf.stack([top, left, h, w])
 
 
-def _to_uint8(x: tf.Tensor) -> tf.Tensor:
-  # PIL rounds half up and clips; floor(x + 0.5) matches its ties better than tf.round.
-  return tf.cast(tf.clip_by_value(tf.floor(x + 0.5), 0.0, 255.0), tf.uint8)
-
-
 def resize(image: tf.Tensor, height, width, interpolation: Interpolation = "bilinear",
            pil_rounding: bool = False) -> tf.Tensor:
-  """PIL's `Image.resize(..., BILINEAR | BICUBIC)` of a uint8 [H, W, C] image.
-
-  Both are antialiased: the filter widens with the downscaling factor (PIL always does this;
-  so does `tf.image.resize(antialias=True)`, with the same triangle and Keys a = -0.5 kernels).
-  PIL filters along one axis, rounds to uint8, then filters along the other; TF filters in
-  float and rounds once. Measured against Pillow 13 on photos: one pass differs by at most 1
-  level for bilinear (mean ~0.15); bicubic is the same except at rare pixels (~1e-4) of sharp
-  edges where PIL clips the intermediate overshoot (up to ~7 levels). `pil_rounding=True`
-  runs the two passes separately, in PIL's order and with its rounding (at most 1 level, mean
-  < 0.01, from PIL's fixed-point weights), at ~1.5-4x the resize time.
-
-  Args:
-    image: uint8 [H, W, C].
-    height: output height.
-    width: output width.
-    interpolation: "bilinear" or "bicubic".
-    pil_rounding: round to uint8 between the two passes, as PIL does.
-
-  Returns:
-    uint8 [height, width, C].
-  """
-  _check_interpolation(interpolation)
-  image = tf.convert_to_tensor(image)
-
-  def resize_float(x, size):
-    return tf.image.resize(x, tf.stack(size), method=interpolation, antialias=True)
-
-  if pil_rounding:
-    # A resize whose scale is 1 along an axis is the identity along it. Pillow 13 filters
-    # vertically first when the height loses more than twice as many pixels as the width
-    # (python-pillow/Pillow#9549; the rule was measured here), horizontally first otherwise.
-    in_h, in_w = tf.shape(image)[0], tf.shape(image)[1]
-    vertical_first = (in_h > height) & (in_h - height > 2 * (in_w - width))
-    image = _to_uint8(tf.cond(vertical_first, lambda: resize_float(image, [height, in_w]),
-                              lambda: resize_float(image, [in_h, width])))
-  return _to_uint8(resize_float(image, [height, width]))
+  """PIL's `Image.resize(..., BILINEAR | BICUBIC)` of a uint8 [H, W, C] image: see
+  `host_resize.resize` for the method and its measured differences from Pillow."""
+  return host_resize.resize(image, height, width, interpolation, pil_rounding)
 
 
 def to_rgb(image: tf.Tensor) -> tf.Tensor:
