@@ -114,6 +114,16 @@ def pytest_configure(config):
   tf_runtime.disable_tfds_download_retries()
 
 
+def pytest_collection_modifyitems(config, items):
+  """Slow tests first (stable order otherwise).
+
+  With parallel workers (scripts/test.sh runs pytest-xdist) the long tests then start at once
+  and the short ones fill in around them, instead of one long test ending the run alone.
+  """
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_unconfigure(config):
   del config
   socket.getaddrinfo = _real_getaddrinfo
