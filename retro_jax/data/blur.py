@@ -30,7 +30,7 @@ import jax.numpy as jnp
 PIL_PASSES = 3
 
 
-def _filter_1d(image: jax.Array, taps: jax.Array, axis: int, mode: str) -> jax.Array:
+def filter_1d(image: jax.Array, taps: jax.Array, axis: int, mode: str) -> jax.Array:
   """Correlates `image` along `axis` with odd-length `taps` ([..., K], one row per image)."""
   radius = (taps.shape[-1] - 1) // 2
   pad = [(0, 0)] * image.ndim
@@ -125,7 +125,7 @@ def pil_gaussian_blur(image: jax.Array, sigma, max_sigma: float | None = None, *
     taps = taps.astype(dtype)
 
   def box_pass(axis, image):
-    image = _filter_1d(image, taps, axis, mode="edge")
+    image = filter_1d(image, taps, axis, mode="edge")
     if quantize:  # the sum fits in 32 bits: the weights add up to at most 2^24
       image = (image + (1 << 23)) >> 24
     return image
@@ -164,5 +164,5 @@ def gaussian_blur(image: jax.Array, sigma, kernel_size: int) -> jax.Array:
     raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
   taps = gaussian_taps(sigma, kernel_size).astype(image.dtype)
   for axis in (-2, -3):
-    image = _filter_1d(image, taps, axis, mode="reflect")
+    image = filter_1d(image, taps, axis, mode="reflect")
   return image

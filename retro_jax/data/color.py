@@ -63,54 +63,40 @@ def adjust_saturation(image: jax.Array, factor) -> jax.Array:
   return _blend(image, rgb_to_grayscale(image), factor)
 
 
-def _rgb_to_hsv(image: jax.Array) -> jax.Array:
-  # torchvision's `_rgb_to_hsv` (itself from Pillow's Convert.c), op for op.
-  r, g, b = image[..., 0], image[..., 1], image[..., 2]
-  maxc = jnp.max(image, axis=-1)
-  minc = jnp.min(image, axis=-1)
-  # Grey pixels (max == min) get H = S = 0; the dummy divisors avoid NaNs.
-  eqc = maxc == minc
-  channels_range = maxc - minc
-  s = channels_range / jnp.where(eqc, 1.0, maxc)
-  divisor = jnp.where(eqc, 1.0, channels_range)
-  rc, gc, bc = (maxc - r) / divisor, (maxc - g) / divisor, (maxc - b) / divisor
-  max_is_r = maxc == r
-  max_is_g = maxc == g
-  hr = jnp.where(max_is_r, bc - gc, 0.0)
-  hg = jnp.where(max_is_g & ~max_is_r, (rc + 2.0) - bc, 0.0)
-  hb = jnp.where(~max_is_g & ~max_is_r, (gc + 4.0) - rc, 0.0)
-  h = jnp.fmod((hr + hg + hb) * (1.0 / 6.0) + 1.0, 1.0)
-  return jnp.stack([h, s, maxc], axis=-1)
+# A hue rotation keeps each pixel's max, min and chroma = max - min; output channel c is
+# min + chroma * clip(slope_c |h6 - centre_c| + offset_c, 0, 1), a trapezoid of the rotated hue
+# h6 in [0, 6) (red 0, green 2, blue 4). This is torchvision's RGB -> HSV -> RGB round trip
+# (sector i = floor(h6) picking each channel from v, p, q, t) in closed form: no sector
+# selects and no stacked channels, which XLA:CPU ran ~3x slower.
+HUE_SLOPE = (1.0, -1.0, -1.0)
+HUE_CENTRE = (3.0, 2.0, 4.0)
+HUE_OFFSET = (-1.0, 2.0, 2.0)
 
 
-def _hsv_to_rgb(hsv: jax.Array) -> jax.Array:
-  # torchvision's `_hsv_to_rgb`: sector i of the hue circle picks (r, g, b) from (v, p, q, t).
-  h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-  h6 = h * 6.0
-  i = jnp.floor(h6)
-  f = h6 - i
-  i = jnp.remainder(i.astype(jnp.int32), 6)
-  p = jnp.clip((1.0 - s) * v, 0.0, 1.0)
-  q = jnp.clip((1.0 - s * f) * v, 0.0, 1.0)
-  t = jnp.clip((s * f + (1.0 - s)) * v, 0.0, 1.0)
+def rotated_hue(r: jax.Array, g: jax.Array, b: jax.Array, factor
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(min, chroma, h6) of pixels whose hue is rotated by `factor` (a fraction of the circle).
 
-  def pick(*choices):  # choices[k] in sector k (nested wheres: jnp.select stacks)
-    out = choices[5]
-    for k in range(4, -1, -1):
-      out = jnp.where(i == k, choices[k], out)
-    return out
-
-  return jnp.stack([pick(v, q, p, p, t, v), pick(t, v, v, q, p, p), pick(p, p, t, v, v, q)],
-                   axis=-1)
+  `factor` is a scalar or has the leading (batch) shape of the channel planes `r`, `g`, `b`.
+  h6 is torchvision's `_rgb_to_hsv` hue times 6 (grey pixels: 0), plus 6 factor, mod 6.
+  """
+  maxc = jnp.maximum(jnp.maximum(r, g), b)
+  minc = jnp.minimum(jnp.minimum(r, g), b)
+  chroma = maxc - minc
+  inverse = 1.0 / jnp.where(chroma == 0, 1.0, chroma)  # grey pixels: chroma 0, any hue
+  h6 = jnp.where(maxc == r, (g - b) * inverse,
+                 jnp.where(maxc == g, 2.0 + (b - r) * inverse, 4.0 + (r - g) * inverse))
+  factor = jnp.asarray(factor, r.dtype)
+  h6 = h6 + 6.0 * factor.reshape(factor.shape + (1,) * (r.ndim - factor.ndim))
+  return minc, chroma, h6 - 6.0 * jnp.floor(h6 * (1.0 / 6.0))
 
 
 def adjust_hue(image: jax.Array, factor) -> jax.Array:
   """Rotates the hue by `factor` (in [-0.5, 0.5], a fraction of the hue circle)."""
-  hsv = _rgb_to_hsv(image)
-  factor = jnp.asarray(factor, image.dtype)
-  factor = factor.reshape(factor.shape + (1,) * (hsv.ndim - 1 - factor.ndim))
-  h = jnp.remainder(hsv[..., 0] + factor, 1.0)
-  return _hsv_to_rgb(jnp.stack([h, hsv[..., 1], hsv[..., 2]], axis=-1))
+  minc, chroma, h6 = rotated_hue(image[..., 0], image[..., 1], image[..., 2], factor)
+  const = lambda values: jnp.asarray(values, image.dtype)
+  trapezoid = const(HUE_SLOPE) * jnp.abs(h6[..., None] - const(HUE_CENTRE)) + const(HUE_OFFSET)
+  return minc[..., None] + chroma[..., None] * jnp.clip(trapezoid, 0.0, 1.0)
 
 
 def solarize(image: jax.Array, threshold: float = 0.5) -> jax.Array:

@@ -36,6 +36,10 @@ op takes `p`, the probability that an example gets it (default 1). Parameters:
   solarize: threshold (default 0.5, PIL's 128 on uint8; values >= threshold are inverted).
   normalize: mean, std (per channel; default ImageNet's), applied to every example.
 
+Where: on accelerators every example's ops run at once under `jax.vmap` (`apply_vmapped`; a
+per-example choice then costs every branch), on the CPU one example at a time with real
+branches (`example_loop`, several times faster there); the two agree up to float32 rounding.
+
 Randomness: `key` is the key of one view of one step (derive it from the run seed, the step
 and the view with `jax.random.fold_in`); example i draws from `fold_in(key, indices[i])`, op k
 from `fold_in(example_key, k)` with k its place in `OPS`. `indices` defaults to the batch
@@ -56,6 +60,7 @@ import jax.numpy as jnp
 
 from retro_jax.data import blur
 from retro_jax.data import color
+from retro_jax.data import example_loop
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -319,16 +324,42 @@ def apply_photometric(key: jax.Array, images: jax.Array,
     if indices.shape != images.shape[:1] or not jnp.issubdtype(indices.dtype, jnp.integer):
       raise ValueError(f"indices must be integers of shape [B] = {images.shape[:1]}, got "
                        f"{indices.dtype}{list(indices.shape)}")
-  images = to_float(jnp.asarray(images))
+  images = jnp.asarray(images)
   keys = example_keys(key, indices)
   # With explicit mesh axes the keys must be sharded over the batch like the images
   # (vmap maps both together); with automatic axes the compiler propagates it.
   sharding = jax.typeof(images).sharding
-  if sharding.spec and sharding.spec[0] is not None:
+  batch_axis = sharding.spec[0] if sharding.spec else None
+  if batch_axis is not None:
     keys = jax.sharding.reshard(keys, jax.sharding.NamedSharding(
-        sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0])))
+        sharding.mesh, jax.sharding.PartitionSpec(batch_axis)))
   params = jax.vmap(functools.partial(sample_params, spec=spec))(keys)
-  images = jax.vmap(functools.partial(apply_params, spec=spec))(images, params)
+  # XLA:CPU runs a loop over the examples several times faster (see `example_loop`); a loop
+  # cannot run over a sharded axis, so each device loops over its own examples.
+  looped = functools.partial(example_loop.apply_batch, spec=spec)
+  if batch_axis is not None:
+    looped = jax.shard_map(looped, mesh=sharding.mesh,
+                           in_specs=jax.sharding.PartitionSpec(batch_axis),
+                           out_specs=jax.sharding.PartitionSpec(batch_axis))
+  return jax.lax.platform_dependent(images, params, cpu=looped,
+                                    default=functools.partial(apply_vmapped, spec=spec))
+
+
+def apply_vmapped(images: jax.Array, params: dict[str, dict[str, jax.Array]],
+                  spec: PhotometricSpec) -> jax.Array:
+  """Every example's drawn ops at once under `jax.vmap`, then `normalize`: the accelerator
+  path of `apply_photometric` (`example_loop.apply_batch` is the CPU's, equal up to float32
+  rounding).
+
+  Args:
+    images: [B, H, W, 3] uint8 or float in [0, 1].
+    params: the examples' draws, `sample_params` vmapped over their keys.
+    spec: the preset.
+
+  Returns:
+    [B, H, W, 3] float32.
+  """
+  images = jax.vmap(functools.partial(apply_params, spec=spec))(to_float(images), params)
   if spec.normalize is not None:
     images = normalize(images, spec.normalize.mean, spec.normalize.std)
   return images
