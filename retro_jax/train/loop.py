@@ -106,28 +106,32 @@ def _steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   return int(round(config.epochs * steps_per_epoch))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Runs (or resumes) the training the config describes; returns the final metrics."""
-  workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+@dataclasses.dataclass(frozen=True)
+class Engine:
+  """What `train` steps with, built from the config (also what benchmarks/retro_step.py times).
 
-  # Devices and batch layout.
-  mesh = mesh_lib.make_mesh()
+  Attributes:
+    method: the method object (`build_method`).
+    graphdef: the student container's structure.
+    state: the fresh `TrainState`, replicated over the mesh.
+    teacher_state: the frozen teacher's state, replicated (None without a teacher).
+    teacher_identity: what identifies the teacher (recorded in checkpoints).
+    schedules: the optimiser's schedules (learning rate, weight decay), for logging.
+    step_fn: the jitted `train_step(state, teacher_state, batch)`.
+  """
+  method: ContrastiveMethod | MultiCropMethod
+  graphdef: nnx.GraphDef
+  state: step_lib.TrainState
+  teacher_state: Any
+  teacher_identity: dict[str, Any]
+  schedules: Any
+  step_fn: Any
+
+
+def build_engine(config: ml_collections.ConfigDict, objective, augmentation: Augmentation,
+                 mesh, *, steps_per_epoch: int, total_steps: int) -> Engine:
+  """Method, teacher, student, optimiser, initial state and the jitted step of a run."""
   global_batch = config.global_batch_size
-  mesh_lib.check_global_batch(global_batch, mesh)
-  objective = objective_config(config)
-  if hasattr(objective, "queue_size"):
-    contrastive.check_queue_size(objective.queue_size, global_batch)
-
-  # Data, method, teacher.
-  augmentation = Augmentation.from_config(config.data.augmentation)
-  source = sources.open_source(config.data.dataset, config.data.get("split") or None,
-                               config.data.get("data_dir") or None)
-  if source.num_examples < global_batch:
-    raise ConfigError(f"data: {source} has {source.num_examples} examples, fewer than one "
-                      f"global batch of {global_batch}")
-  steps_per_epoch = source.num_examples // global_batch
-  total_steps = _steps(config, steps_per_epoch)
   method = build_method(config, objective, steps_per_epoch=steps_per_epoch,
                         total_steps=total_steps)
   teacher, teacher_identity = teacher_lib.load_teacher(config,
@@ -150,9 +154,43 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   if teacher is not None:
     teacher_state = teacher_lib.cast_state(teacher_state, config.teacher.get("dtype", "float32"))
   teacher_state = jax.device_put(teacher_state, replicated)
+  step_fn = step_lib.jit_train_step(
+      step_lib.make_train_step(method, graphdef, teacher_graphdef, trainable, tx,
+                               augmentation.device_views),
+      replicated, replicated, mesh_lib.batch_sharding(mesh))
+  return Engine(method, graphdef, state, teacher_state, teacher_identity, schedules, step_fn)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Runs (or resumes) the training the config describes; returns the final metrics."""
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+
+  # Devices and batch layout.
+  mesh = mesh_lib.make_mesh()
+  global_batch = config.global_batch_size
+  mesh_lib.check_global_batch(global_batch, mesh)
+  objective = objective_config(config)
+  if hasattr(objective, "queue_size"):
+    contrastive.check_queue_size(objective.queue_size, global_batch)
+
+  # Data, method, teacher.
+  augmentation = Augmentation.from_config(config.data.augmentation)
+  source = sources.open_source(config.data.dataset, config.data.get("split") or None,
+                               config.data.get("data_dir") or None)
+  if source.num_examples < global_batch:
+    raise ConfigError(f"data: {source} has {source.num_examples} examples, fewer than one "
+                      f"global batch of {global_batch}")
+  steps_per_epoch = source.num_examples // global_batch
+  total_steps = _steps(config, steps_per_epoch)
+  engine = build_engine(config, objective, augmentation, mesh,
+                        steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  method, graphdef, state = engine.method, engine.graphdef, engine.state
+  teacher_state, teacher_identity = engine.teacher_state, engine.teacher_identity
   print(f"parameters: trainable {step_lib.count_parameters(state.trainable):,}, other "
         f"student state {step_lib.count_parameters(state.rest):,}, teacher (frozen) "
-        f"{0 if teacher is None else step_lib.count_parameters(teacher_state):,}", flush=True)
+        f"{0 if teacher_state is None else step_lib.count_parameters(teacher_state):,}",
+        flush=True)
 
   checkpoints = checkpoint.TrainCheckpoints(workdir, every_steps=config.checkpoint_every_steps,
                                             keep=config.keep_checkpoints)
@@ -173,10 +211,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       process_invariant=config.data.get("process_invariant", False),
       shuffle_buffer=config.data.get("shuffle_buffer", pipeline_lib.DEFAULT_SHUFFLE_BUFFER))
 
-  step_fn = step_lib.jit_train_step(
-      step_lib.make_train_step(method, graphdef, teacher_graphdef, trainable, tx,
-                               augmentation.device_views),
-      replicated, replicated, mesh_lib.batch_sharding(mesh))
+  step_fn = engine.step_fn
 
   monitor = None
   if config.get("monitor") and config.monitor.every_steps > 0:
@@ -184,7 +219,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                          mesh_lib.batch_sharding(mesh))
   progress = Progress(workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                       global_batch=global_batch, every=config.log_every_steps,
-                      schedules=schedules)
+                      schedules=engine.schedules)
   metrics: dict[str, Any] = {}
   try:
     for step in range(start_step, total_steps):
