@@ -14,6 +14,8 @@ compiles to slow loops (measured on one 224 px view in cache, pinned to one core
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -86,10 +88,48 @@ def _edge_filter(image: jax.Array, taps: jax.Array, axis: int) -> jax.Array:
                          [column(j) for j in range(size - radius, size)], axis=axis)
 
 
-def _box_passes(image: jax.Array, taps: jax.Array) -> jax.Array:
+def _box_passes(image: jax.Array, taps: jax.Array, axis: int) -> jax.Array:
+  """Pillow's three box passes along `axis`, edges replicated, as one filter.
+
+  Away from the edges three passes are one correlation with taps * taps * taps (6r + 1 taps
+  for 2r + 1); each of the 3r outputs at an edge is a weighted sum of the 6r inputs next to
+  it, the weights being the passes run on a short signal (a [3r, 6r] matrix). The same sums up
+  to float32 rounding, in one pass over the image instead of three: ~2.2x faster with 3 taps,
+  ~1.3x with 5.
+  """
+  radius = (taps.shape[0] - 1) // 2
+  edge, size = blur.PIL_PASSES * radius, image.shape[axis]
+  if size <= 2 * edge:  # no interior: the passes one by one
+    for _ in range(blur.PIL_PASSES):
+      image = _edge_filter(image, taps, axis)
+    return image
+  composite = taps
+  for _ in range(blur.PIL_PASSES - 1):
+    composite = jnp.convolve(composite, taps)  # taps are symmetric: convolution = correlation
+  take = lambda start, stop: jax.lax.slice_in_dim(image, start, stop, axis=axis)
+  interior = sum(composite[k] * take(k, size - 2 * edge + k) for k in range(len(composite)))
+  # One pass on a signal of n samples (edges replicated) as an [n, n] matrix, then three.
+  n = 4 * edge + 1
+  one_pass = sum(taps[k] * jax.nn.one_hot(jnp.clip(jnp.arange(n) + k - radius, 0, n - 1), n,
+                                          dtype=image.dtype) for k in range(len(taps)))
+  passes = functools.reduce(jnp.matmul, [one_pass] * blur.PIL_PASSES)
+  weights = passes[:edge, :2 * edge]  # output j (< edge) from inputs 0 .. 2 edge - 1
+
+  if edge <= 3:  # 18 sums of slices a side: ~30% faster than dots
+    left = [sum(weights[j, i] * take(i, i + 1) for i in range(2 * edge)) for j in range(edge)]
+    right = [sum(weights[j, i] * take(size - 1 - i, size - i) for i in range(2 * edge))
+             for j in reversed(range(edge))]
+  else:  # 72 a side would compile ~1 s longer than these dot products
+    def dot(weights, inputs):
+      return jnp.moveaxis(jnp.tensordot(weights, inputs, axes=([1], [axis])), 0, axis)
+    left = [dot(weights, take(0, 2 * edge))]
+    right = [dot(weights[::-1, ::-1], take(size - 2 * edge, size))]
+  return jnp.concatenate(left + [interior] + right, axis=axis)
+
+
+def _blur(image: jax.Array, taps: jax.Array) -> jax.Array:
   for axis in (2, 1):  # Pillow blurs rows (x) first, then columns (y)
-    image = jax.lax.fori_loop(0, blur.PIL_PASSES,
-                              lambda _, x, axis=axis: _edge_filter(x, taps, axis), image)
+    image = _box_passes(image, taps, axis)
   return image
 
 
@@ -101,6 +141,6 @@ def pil_gaussian_blur(image: jax.Array, sigma, max_sigma: float) -> jax.Array:
   num_taps = blur.pil_max_taps(max_sigma)
   taps = blur.pil_box_taps(sigma, num_taps).astype(image.dtype)
   if num_taps == 3:
-    return _box_passes(image, taps)
-  return jax.lax.cond(taps[0] == 0, lambda x: _box_passes(x, taps[1:-1]),
-                      lambda x: _box_passes(x, taps), image)
+    return _blur(image, taps)
+  return jax.lax.cond(taps[0] == 0, lambda x: _blur(x, taps[1:-1]), lambda x: _blur(x, taps),
+                      image)
