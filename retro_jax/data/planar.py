@@ -8,8 +8,11 @@ compiles to slow loops (measured on one 224 px view in cache, pinned to one core
   * concatenating or stacking channels: a fused concatenate evaluates element by element,
     ~5x an elementwise op; per-channel differences are [3, 1, 1] constants instead;
   * reductions: a fused mean over the image ran ~1.2 ms (scalar code), as a dot ~20 us;
-  * `jnp.pad(mode="edge")`, itself a concatenate: a blur pass slices the interior and writes
-    the few edge columns in place (~35 us a pass instead of ~55).
+  * `jnp.pad(mode="edge")`, itself a concatenate: a blur pass slices the interior and
+    concatenates the few edge columns to it (~35 us a pass instead of ~55);
+  * passes over the image: Pillow's three box passes per axis run as one (`_box_passes`).
+A whole blurred view takes ~90 us (3-tap passes) or ~150 us (5 taps), hue ~85 us, saturation
+~40, contrast ~20, brightness ~8.
 """
 
 from __future__ import annotations
