@@ -1,9 +1,9 @@
 """The photometric ops on the CPU: one example at a time, planar, each op only where drawn.
 
 `device_ops.apply_photometric` augments a batch under `jax.vmap` on accelerators. On XLA:CPU
-that costs ~3 ms per 224 px view: a per-example choice under vmap runs every branch (the
-blur for all examples at p = 0.5, all four jitter ops at each of the four steps), and every
-op is a pass over the whole batch (~19 MB a view at batch 32), bound by memory bandwidth.
+that costs ~3 ms per 224 px view: a per-example choice under vmap runs every branch (e.g. the
+blur for every example at p = 0.5), and every op is a pass over the whole batch (~19 MB a
+view at batch 32), bound by memory bandwidth.
 Here a `lax.map` takes one example at a time: its [3, H, W] float planes (`planar`) stay in
 the L2 cache through all its ops, and each random choice is a real `lax.cond` / `lax.switch`,
 so an op costs only the examples that draw it.
