@@ -58,7 +58,7 @@ RESULT = "RESULT_JSON "
 SIZE = 224
 NUM_VIEWS = 2
 SINGLE_THREAD_ENV = {
-    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",  # one thread; the child is pinned too
     "TF_NUM_INTEROP_THREADS": "1",
     "TF_NUM_INTRAOP_THREADS": "1",
     "OMP_NUM_THREADS": "1",
