@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from retro_jax.models.batch_norm import BatchNorm
+from retro_jax.models.conv import Conv
 from retro_jax.models.depthwise import DepthwiseConv
 from retro_jax.models.efficientnet import make_divisible
 from retro_jax.models.heads import TorchSequential
@@ -56,16 +57,15 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def _conv(in_features: int, out_features: int, kernel: int, *, use_bias: bool = False,
-          rngs: nnx.Rngs) -> nnx.Conv:
+          rngs: nnx.Rngs) -> Conv:
   pad = kernel // 2
   bias_bound = 1.0 / math.sqrt(in_features * kernel * kernel)
 
   def bias_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
     return jax.random.uniform(key, shape, dtype, -bias_bound, bias_bound)
 
-  return nnx.Conv(in_features, out_features, (kernel, kernel),
-                  padding=((pad, pad), (pad, pad)), use_bias=use_bias,
-                  kernel_init=_TORCH_CONV_INIT, bias_init=bias_init, rngs=rngs)
+  return Conv(in_features, out_features, (kernel, kernel), padding=((pad, pad), (pad, pad)),
+              use_bias=use_bias, kernel_init=_TORCH_CONV_INIT, bias_init=bias_init, rngs=rngs)
 
 
 def _batch_norm(features: int, *, rngs: nnx.Rngs) -> BatchNorm:

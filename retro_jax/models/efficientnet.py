@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from retro_jax.models.batch_norm import BatchNorm
+from retro_jax.models.conv import Conv
 from retro_jax.models.depthwise import DepthwiseConv
 from retro_jax.models.registry import BackboneOutput
 from retro_jax.models.registry import register_backbone
@@ -46,7 +47,8 @@ class ConvNormAct(nnx.List):
   """torchvision's `Conv2dNormActivation`: conv (no bias) `0`, BatchNorm `1`, activation.
 
   A list, so the parameters sit at `0.weight`, `1.weight`, ... as in torch's Sequential.
-  A convolution with as many groups as channels is a `DepthwiseConv` (fast on CPU).
+  A convolution with as many groups as channels is a `DepthwiseConv`, a dense one a `Conv`
+  (1x1 as a dot); both are fast on CPU.
   """
 
   def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -68,9 +70,9 @@ class ConvNormAct(nnx.List):
     """
     pad = (kernel_size - 1) // 2
     if groups == 1:
-      conv = nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size),
-                      strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                      use_bias=False, kernel_init=CONV_INIT, dtype=dtype, rngs=rngs)
+      conv = Conv(in_channels, out_channels, (kernel_size, kernel_size),
+                  strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                  use_bias=False, kernel_init=CONV_INIT, dtype=dtype, rngs=rngs)
     elif groups == in_channels == out_channels:
       conv = DepthwiseConv(in_channels, kernel_size, stride, pad, kernel_init=CONV_INIT,
                            rngs=rngs)
@@ -97,10 +99,10 @@ class SqueezeExcitation(nnx.Module):
 
   def __init__(self, channels: int, squeeze_channels: int, *, activation: Activation,
                gate: Activation, dtype: Any = None, rngs: nnx.Rngs):
-    self.fc1 = nnx.Conv(channels, squeeze_channels, (1, 1), kernel_init=CONV_INIT, dtype=dtype,
-                        rngs=rngs)
-    self.fc2 = nnx.Conv(squeeze_channels, channels, (1, 1), kernel_init=CONV_INIT, dtype=dtype,
-                        rngs=rngs)
+    self.fc1 = Conv(channels, squeeze_channels, (1, 1), kernel_init=CONV_INIT, dtype=dtype,
+                    rngs=rngs)
+    self.fc2 = Conv(squeeze_channels, channels, (1, 1), kernel_init=CONV_INIT, dtype=dtype,
+                    rngs=rngs)
     self.activation = activation
     self.gate = gate
 

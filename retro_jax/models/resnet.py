@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from retro_jax.models.batch_norm import BatchNorm
+from retro_jax.models.conv import Conv
 from retro_jax.models.registry import BackboneOutput
 from retro_jax.models.registry import register_backbone
 
@@ -34,12 +35,13 @@ _BN_MOMENTUM = 0.9
 
 
 def _conv(in_channels: int, out_channels: int, kernel: int, stride: int, *, dtype: Any,
-          rngs: nnx.Rngs) -> nnx.Conv:
+          rngs: nnx.Rngs) -> Conv:
   # Explicit symmetric padding as torch: 'SAME' pads differently for stride 2 on even sizes.
+  # Conv computes the 1x1 ones (bottlenecks, downsample) as dots, much faster on CPU.
   pad = kernel // 2
-  return nnx.Conv(in_channels, out_channels, (kernel, kernel), strides=(stride, stride),
-                  padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_CONV_INIT,
-                  dtype=dtype, rngs=rngs)
+  return Conv(in_channels, out_channels, (kernel, kernel), strides=(stride, stride),
+              padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_CONV_INIT,
+              dtype=dtype, rngs=rngs)
 
 
 def _batch_norm(channels: int, *, dtype: Any, rngs: nnx.Rngs,
