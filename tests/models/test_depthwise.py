@@ -124,6 +124,24 @@ def test_second_order_gradient_matches_grouped():
     assert rel_err(a, b) <= RTOL
 
 
+def test_kernel_gradient_over_batch_chunks(monkeypatch):
+  # Large layers sum the kernel gradient chunk by chunk of the batch (a lax.scan); small
+  # test inputs fit one chunk, so force one image per chunk.
+  monkeypatch.setattr(depthwise, "_KERNEL_GRAD_CHUNK_BYTES", 1)
+  x = jax.random.normal(jax.random.key(0), (2, 9, 8, CHANNELS))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 1, CHANNELS))
+
+  def grads(impl):
+    loss = lambda x, w: jnp.sum(jnp.sin(depthwise.depthwise_conv(x, w, 2, 1, impl)))
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+
+  lowered = jax.jit(lambda x, g: depthwise._kernel_grad(  # pylint: disable=protected-access
+      x, g, 3, 3, 2, 1)).lower(x, jnp.ones((2, 5, 4, CHANNELS))).as_text()
+  assert "while" in lowered  # The scan is there.
+  for a, b in zip(grads("shifted"), grads("grouped")):
+    assert rel_err(a, b) <= RTOL
+
+
 def test_parameter_layout_equals_nnx_conv():
   dw = DepthwiseConv(24, 5, 2, use_bias=True, rngs=nnx.Rngs(0))
   conv = nnx.Conv(24, 24, (5, 5), strides=2, padding=((2, 2), (2, 2)), feature_group_count=24,
