@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py                  # depthwise table + training table
     python benchmarks/train_throughput.py --only depthwise # the depthwise layers only
     python benchmarks/train_throughput.py --only train --models resnet18 --steps 3
+    python benchmarks/train_throughput.py --only conv      # 1x1 convolutions as dots or not
 
 Training step (both frameworks): forward in train mode (batch-norm batch statistics, stochastic
 depth), a linear classifier on the pooled feature, softmax cross-entropy, backward, SGD with
@@ -16,7 +17,10 @@ step so that a change in machine load hits both alike. On a shared machine only 
 are trustworthy. The depthwise table times every distinct depthwise layer of EfficientNet-B0
 and MobileNetV3-Large (forward, and forward + input and kernel gradients) for the shifted
 implementation that `DepthwiseConv` uses on CPU, for torch, and with `--grouped` for XLA's
-native grouped convolution (slow: seconds per layer).
+native grouped convolution (slow: seconds per layer). The conv table times each student's JAX
+training step and the teacher's forward pass (ResNet-50, eval mode) with every
+`retro_jax.models.conv.Conv` computing 1x1 convolutions as dots ('auto', the default) and as
+XLA's native convolution ('native', what nnx.Conv does), the two taking turns step by step.
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ from flax import nnx
 
 from retro_jax.models import create_backbone
 from retro_jax.models import depthwise
+from retro_jax.models.conv import Conv
 
 STUDENTS = ("efficientnet_b0", "mobilenet_v3_large", "resnet18")
+TEACHER = "resnet50"
 NUM_CLASSES = 1000
 
 
@@ -124,7 +130,13 @@ def depthwise_runners(layer: DepthwiseLayer, batch: int,
     conv = functools.partial(depthwise.depthwise_conv, stride=layer.stride, padding=pad,
                              implementation=impl)
     fwd = jax.jit(conv)
-    fwd_bwd = jax.jit(lambda x, w, g, conv=conv: jax.vjp(conv, x, w)[1](g))
+
+    def forward_backward(x, w, g, conv=conv):
+      y, vjp = jax.vjp(conv, x, w)
+      # The output too, as torch's f+b computes it: unused, XLA would drop the forward.
+      return y, vjp(g)
+
+    fwd_bwd = jax.jit(forward_backward)
     runners[f"jax {impl} fwd"] = lambda f=fwd: jax.block_until_ready(f(x, w))
     runners[f"jax {impl} f+b"] = lambda f=fwd_bwd: jax.block_until_ready(f(x, w, g))
 
@@ -200,9 +212,18 @@ class Classifier(nnx.Module):
     return self.head(self.backbone(images).pooled)
 
 
-def jax_train_step(name: str, images: np.ndarray, labels: np.ndarray, lr: float):
+def set_conv_implementation(model: nnx.Module, implementation: str) -> None:
+  """Sets every `Conv` in `model` to `implementation` ('auto' or 'native')."""
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, Conv):
+      module.implementation = implementation
+
+
+def jax_train_step(name: str, images: np.ndarray, labels: np.ndarray, lr: float,
+                   conv_implementation: str = "auto"):
   """Returns (step callable, trace s, compile s, parameter count) for the JAX model."""
   model = Classifier(create_backbone(name, rngs=nnx.Rngs(0)), NUM_CLASSES, rngs=nnx.Rngs(1))
+  set_conv_implementation(model, conv_implementation)
   model.train()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optax.sgd(lr, momentum=0.9)
@@ -289,6 +310,45 @@ def train_table(models: list[str], batch: int, size: int, steps: int) -> str:
   return "\n".join(lines)
 
 
+def jax_forward(name: str, images: np.ndarray, conv_implementation: str):
+  """Returns (forward callable, compile s): the backbone in eval mode, pooled features."""
+  model = create_backbone(name, rngs=nnx.Rngs(0))
+  set_conv_implementation(model, conv_implementation)
+  model.eval()
+  graphdef, state = nnx.split(model)
+  images = jnp.asarray(images)
+  start = time.perf_counter()
+  compiled = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x).pooled).lower(
+      state, images).compile()
+  compile_s = time.perf_counter() - start
+  return lambda: jax.block_until_ready(compiled(state, images)), compile_s
+
+
+def conv_table(models: list[str], teacher: str, batch: int, size: int, steps: int) -> str:
+  """Markdown table: students' training steps and the teacher's forward, native vs dot 1x1."""
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
+  labels = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
+  lines = ["| model | pass | compile s native / dot | img/s, 1x1 as XLA conv (native) "
+           "| img/s, 1x1 as dot (auto) | dot / native |",
+           "|---|---|---|---|---|---|"]
+  work = [(name, "train step") for name in models] + ([(teacher, "forward")] if teacher else [])
+  for name, kind in work:
+    runners, compile_s = {}, {}
+    for impl in ("native", "auto"):
+      if kind == "forward":
+        runners[impl], compile_s[impl] = jax_forward(name, images, impl)
+      else:
+        runners[impl], _, compile_s[impl], _ = jax_train_step(name, images, labels, 0.01, impl)
+    times = median_times(runners, steps)
+    ips = {k: batch / t for k, t in times.items()}
+    lines.append(f"| {name} | {kind} | {compile_s['native']:.1f} / {compile_s['auto']:.1f} "
+                 f"| {ips['native']:.2f} | {ips['auto']:.2f} "
+                 f"| **{ips['auto'] / ips['native']:.2f}** |")
+    print(f"  measured {name} {kind}", file=sys.stderr, flush=True)
+  return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -321,9 +381,11 @@ def _version(package: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  parser.add_argument("--only", choices=("all", "depthwise", "train"), default="all")
+  parser.add_argument("--only", choices=("all", "depthwise", "train", "conv"), default="all")
   parser.add_argument("--models", default=",".join(STUDENTS),
-                      help="comma-separated backbone names for the training table")
+                      help="comma-separated backbone names for the training and conv tables")
+  parser.add_argument("--teacher", default=TEACHER,
+                      help="backbone whose forward pass the conv table times ('' for none)")
   parser.add_argument("--batch-size", type=int, default=16)
   parser.add_argument("--image-size", type=int, default=224)
   parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
@@ -341,6 +403,11 @@ def main(argv: list[str] | None = None) -> None:
           f"(median of {args.steps} steps)\n")
     models = [m for m in args.models.split(",") if m]
     print(train_table(models, args.batch_size, args.image_size, args.steps) + "\n")
+  if args.only in ("all", "conv"):
+    print(f"### 1x1 convolutions as dots, batch {args.batch_size}, {args.image_size} px, float32 "
+          f"(median of {args.steps} steps)\n")
+    models = [m for m in args.models.split(",") if m]
+    print(conv_table(models, args.teacher, args.batch_size, args.image_size, args.steps) + "\n")
   print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 
