@@ -13,6 +13,8 @@ What is timed, per variant (one training step, float32, on the CPU):
                    `retro_jax.train.loop.build_engine`, the function `train` builds its step
                    with. The step takes the pipeline's uint8 batch, so the device half of the
                    augmentation (colour jitter, grayscale, blur, normalisation) is timed too.
+  ours_bf16_teacher  retro and disco: `ours` with `teacher.dtype='bfloat16'` (the frozen
+                   teacher's weights and forward in bfloat16; AVX-512 BF16 CPUs).
   ours_cross_view  retro only: the same with `objective.consistency_pairing='cross_view'`, the
                    authors' mathematics (no second student forward).
   authors_nchw     the authors' step in PyTorch, written below from their code: the Retro fork
@@ -91,7 +93,7 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("retro", "disco", "mocov2")
 STUDENTS = ("efficientnet_b0", "mobilenet_v3_large", "resnet18")
-VARIANTS = ("ours", "ours_cross_view", "authors_nchw", "authors_cl")
+VARIANTS = ("ours", "ours_cross_view", "ours_bf16_teacher", "authors_nchw", "authors_cl")
 HEADLINE = dict(methods=["retro"], students=["efficientnet_b0"], batch_sizes=[16])
 # The retro config of each student; its `student` section is also disco's and mocov2's.
 RETRO_CONFIGS = {"efficientnet_b0": "effb0", "mobilenet_v3_large": "mobilenetv3",
@@ -106,7 +108,9 @@ QUEUE, MOMENTUM, TEMPERATURE, DIM, WEIGHT_DECAY = 65536, 0.999, 0.2, 128, 1e-4
 
 
 def variants_of(method: str) -> tuple[str, ...]:
-  return VARIANTS if method == "retro" else tuple(v for v in VARIANTS if v != "ours_cross_view")
+  skip = {"retro": (), "disco": ("ours_cross_view",),
+          "mocov2": ("ours_cross_view", "ours_bf16_teacher")}[method]
+  return tuple(v for v in VARIANTS if v not in skip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +140,8 @@ def benchmark_config(method: str, student: str, batch: int, resolution: int, var
                                       head_kwargs={"dims": [2048, 2048, DIM]})
   if variant == "ours_cross_view":
     config.objective.consistency_pairing = "cross_view"
+  if variant == "ours_bf16_teacher":
+    config.teacher.dtype = "bfloat16"
   return config
 
 
