@@ -24,8 +24,7 @@ Stacked batches (`stacked_batches(model, S)`, a context): the input is S batches
 along axis 0 (e.g. a method's two views), and each is normalised exactly as its own forward
 call would normalise it: statistics over S * G slices, and the running statistics updated
 once per batch in order, as S successive calls update them. One forward of the stack then
-replaces S forwards (one pass over the weights, larger matmuls, one copy of the network in
-the compiled step).
+replaces S forwards (one copy of the network in the compiled step).
 """
 
 from __future__ import annotations

@@ -117,7 +117,8 @@ class ContrastiveMethod:
       the key encoder when > 1 (the module docstring); 1: over the whole batch.
     stack_views: the student's two views (when both need its gradient) go through one
       forward of their concatenation, each still normalised by its own statistics; False:
-      two forwards. The same mathematics; stacked is faster and compiles a smaller step.
+      two forwards. The same mathematics; stacked puts one copy of the network in the
+      compiled step (its speed against two forwards on CPU is not yet measured).
   """
   name: str
   objective: Any
