@@ -247,15 +247,6 @@ def sample_params(key: jax.Array, spec: PhotometricSpec) -> dict[str, dict[str, 
   return params
 
 
-def _maybe(op, fn, image: jax.Array, apply: jax.Array) -> jax.Array:
-  if op.p == 0.0:
-    return image
-  if op.p == 1.0:
-    return fn(image)
-  # Under vmap both branches run and one is selected, as any per-example choice would.
-  return jax.lax.cond(apply, fn, lambda x: x, image)
-
-
 def apply_params(image: jax.Array, params: dict[str, dict[str, jax.Array]],
                  spec: PhotometricSpec) -> jax.Array:
   """Applies one example's drawn parameters to its float HWC image in [0, 1]."""
@@ -265,16 +256,17 @@ def apply_params(image: jax.Array, params: dict[str, dict[str, jax.Array]],
                                   if k != "apply"})
     if jitter.p > 0.0:
       image = color.apply_jitter(image, drawn, jitter.ranges, params["color_jitter"]["apply"])
+  maybe = example_loop.maybe
   if spec.grayscale is not None:
-    image = _maybe(spec.grayscale, lambda x: color.rgb_to_grayscale(x, 3), image,
-                   params["grayscale"]["apply"])
+    image = maybe(spec.grayscale, lambda x: color.rgb_to_grayscale(x, 3), image,
+                  params["grayscale"]["apply"])
   if spec.gaussian_blur is not None:
     sigma = params["gaussian_blur"]["sigma"]
-    image = _maybe(spec.gaussian_blur, lambda x: spec.gaussian_blur(x, sigma), image,
-                   params["gaussian_blur"]["apply"])
+    image = maybe(spec.gaussian_blur, lambda x: spec.gaussian_blur(x, sigma), image,
+                  params["gaussian_blur"]["apply"])
   if spec.solarize is not None:
-    image = _maybe(spec.solarize, lambda x: color.solarize(x, spec.solarize.threshold),
-                   image, params["solarize"]["apply"])
+    image = maybe(spec.solarize, lambda x: color.solarize(x, spec.solarize.threshold),
+                  image, params["solarize"]["apply"])
   return image
 
 

@@ -30,7 +30,12 @@ from retro_jax.data import planar
 Params = dict[str, dict[str, jax.Array]]
 
 
-def _maybe(op, fn, image: jax.Array, apply: jax.Array) -> jax.Array:
+def maybe(op, fn, image: jax.Array, apply: jax.Array) -> jax.Array:
+  """`fn(image)` where the example drew `apply` for `op` (probability `op.p`), else `image`.
+
+  In this loop the `cond` runs one branch; under `vmap` (device_ops) both run and one is
+  selected, as any per-example choice would.
+  """
   if op.p == 0.0:
     return image
   if op.p == 1.0:
@@ -57,7 +62,7 @@ def _jitter(image: jax.Array, params: dict[str, jax.Array], spec) -> jax.Array:
       image = jax.lax.switch(params["order"][step], branches, image)
     return image
 
-  return _maybe(spec, steps, image, params["apply"])
+  return maybe(spec, steps, image, params["apply"])
 
 
 def _blur(image: jax.Array, sigma: jax.Array, op) -> jax.Array:
@@ -84,13 +89,13 @@ def apply_example(image: jax.Array, params: Params, spec: Any) -> jax.Array:
   if spec.color_jitter is not None and spec.color_jitter.p > 0.0:
     image = _jitter(image, params["color_jitter"], spec.color_jitter)
   if spec.grayscale is not None:
-    image = _maybe(spec.grayscale, planar.grayscale, image, params["grayscale"]["apply"])
+    image = maybe(spec.grayscale, planar.grayscale, image, params["grayscale"]["apply"])
   if spec.gaussian_blur is not None:
     op, drawn = spec.gaussian_blur, params["gaussian_blur"]
-    image = _maybe(op, lambda x: _blur(x, drawn["sigma"], op), image, drawn["apply"])
+    image = maybe(op, lambda x: _blur(x, drawn["sigma"], op), image, drawn["apply"])
   if spec.solarize is not None:
     threshold = spec.solarize.threshold
-    image = _maybe(spec.solarize, lambda x: color.solarize(x, threshold), image,
+    image = maybe(spec.solarize, lambda x: color.solarize(x, threshold), image,
                    params["solarize"]["apply"])
   if spec.normalize is not None:
     image = planar.normalize(image, spec.normalize.mean, spec.normalize.std)

@@ -18,7 +18,6 @@ import ml_collections
 import numpy as np
 import pytest
 import scipy.stats
-import sklearn.datasets
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.v2 as T2
@@ -48,15 +47,6 @@ DINO_GLOBAL_2 = {
     "solarize": {"p": 0.2},
     "normalize": {},
 }
-
-
-@pytest.fixture(scope="module")
-def photos() -> np.ndarray:
-  """Six 40x48 uint8 RGB crops (sky, foliage, petals, edges, saturated and grey pixels)."""
-  china, flower = sklearn.datasets.load_sample_images().images
-  corners = [(china, 0, 0), (china, 200, 150), (china, 300, 500), (flower, 0, 0),
-             (flower, 150, 250), (flower, 350, 400)]
-  return np.stack([img[y:y + 40, x:x + 48] for img, y, x in corners])
 
 
 def as_float(images: np.ndarray) -> np.ndarray:

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import sklearn.datasets
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageFilter
@@ -24,15 +23,6 @@ from retro_jax.data import planar
 
 # float32 op for op against torchvision's float32 kernels: only rounding differs.
 FLOAT_ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def photos() -> np.ndarray:
-  """Six 40x48 uint8 RGB crops of scikit-learn's photos (as test_device_ops)."""
-  china, flower = sklearn.datasets.load_sample_images().images
-  corners = [(china, 0, 0), (china, 200, 150), (china, 300, 500), (flower, 0, 0),
-             (flower, 150, 250), (flower, 350, 400)]
-  return np.stack([img[y:y + 40, x:x + 48] for img, y, x in corners])
 
 
 def planes(photo: np.ndarray) -> np.ndarray:
