@@ -15,6 +15,8 @@ What is timed, per variant (one training step, float32, on the CPU):
                    augmentation (colour jitter, grayscale, blur, normalisation) is timed too.
   ours_bf16_teacher  retro and disco: `ours` with `teacher.dtype='bfloat16'` (the frozen
                    teacher's weights and forward in bfloat16; AVX-512 BF16 CPUs).
+  ours_stacked_views  retro and disco: `ours` with the student's two views in one forward of
+                   their stack (`ContrastiveMethod(stack_views=True)`) instead of two.
   ours_cross_view  retro only: the same with `objective.consistency_pairing='cross_view'`, the
                    authors' mathematics (no second student forward).
   authors_nchw     the authors' step in PyTorch, written below from their code: the Retro fork
@@ -93,7 +95,8 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("retro", "disco", "mocov2")
 STUDENTS = ("efficientnet_b0", "mobilenet_v3_large", "resnet18")
-VARIANTS = ("ours", "ours_cross_view", "ours_bf16_teacher", "authors_nchw", "authors_cl")
+VARIANTS = ("ours", "ours_cross_view", "ours_bf16_teacher", "ours_stacked_views", "authors_nchw",
+            "authors_cl")
 HEADLINE = dict(methods=["retro"], students=["efficientnet_b0"], batch_sizes=[16])
 # The retro config of each student; its `student` section is also disco's and mocov2's.
 RETRO_CONFIGS = {"efficientnet_b0": "effb0", "mobilenet_v3_large": "mobilenetv3",
@@ -109,7 +112,7 @@ QUEUE, MOMENTUM, TEMPERATURE, DIM, WEIGHT_DECAY = 65536, 0.999, 0.2, 128, 1e-4
 
 def variants_of(method: str) -> tuple[str, ...]:
   skip = {"retro": (), "disco": ("ours_cross_view",),
-          "mocov2": ("ours_cross_view", "ours_bf16_teacher")}[method]
+          "mocov2": ("ours_cross_view", "ours_bf16_teacher", "ours_stacked_views")}[method]
   return tuple(v for v in VARIANTS if v not in skip)
 
 
@@ -155,6 +158,9 @@ def ours_child(spec: dict[str, Any]) -> dict[str, Any]:
   from retro_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from retro_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
+  if spec["variant"] == "ours_stacked_views":  # not a config field: the method's constructor
+    import functools  # pylint: disable=g-import-not-at-top
+    loop.ContrastiveMethod = functools.partial(loop.ContrastiveMethod, stack_views=True)
   batch_size, size = spec["batch"], spec["resolution"]
   config = benchmark_config(spec["method"], spec["student"], batch_size, size, spec["variant"])
   # What `loop.train` does before `build_engine`, less the data source (ImageNet's length).

@@ -115,10 +115,12 @@ class ContrastiveMethod:
       its options (e.g. activation='hard_mish' for MobileNetV3, as the Retro code).
     bn_groups: batch-norm statistics over this many slices of the batch, with shuffle-BN for
       the key encoder when > 1 (the module docstring); 1: over the whole batch.
-    stack_views: the student's two views (when both need its gradient) go through one
-      forward of their concatenation, each still normalised by its own statistics; False:
-      two forwards. The same mathematics; stacked puts one copy of the network in the
-      compiled step (its speed against two forwards on CPU is not yet measured).
+    stack_views: True: the student's two views (when both need its gradient) go through one
+      forward of their concatenation, each still normalised by its own statistics; False
+      (default): two forwards. The same mathematics; stacked compiles faster (one copy of
+      the network in the step: 55 s against 70 s for Retro EfficientNet-B0 <- ResNet-50 at
+      224 px) but ran 0.81x as fast on the 2-core CPU (benchmarks/retro_step.py,
+      docs/benchmarks.md).
   """
   name: str
   objective: Any
@@ -128,7 +130,7 @@ class ContrastiveMethod:
   adapter: str = "inverted_residual"
   adapter_kwargs: dict = dataclasses.field(default_factory=dict)
   bn_groups: int = 1
-  stack_views: bool = True
+  stack_views: bool = False
 
   def __post_init__(self):
     if self.name not in METHODS:
