@@ -25,28 +25,14 @@ import torchvision.transforms.v2.functional as F
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image, ImageFilter, ImageOps
 
+from photometric_specs import DINO_GLOBAL_2
+from photometric_specs import MOCO_V2
 from retro_jax.data import blur
 from retro_jax.data import color
 from retro_jax.data import device_ops
 
 # float32 op for op against torchvision's float32 kernels: only rounding differs.
 FLOAT_ATOL = 1e-5
-
-MOCO_V2 = {
-    "color_jitter": {"p": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.4,
-                     "hue": 0.1},
-    "grayscale": {"p": 0.2},
-    "gaussian_blur": {"p": 0.5, "sigma": (0.1, 2.0)},
-    "normalize": {},
-}
-DINO_GLOBAL_2 = {
-    "color_jitter": {"p": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.2,
-                     "hue": 0.1},
-    "grayscale": {"p": 0.2},
-    "gaussian_blur": {"p": 0.1},
-    "solarize": {"p": 0.2},
-    "normalize": {},
-}
 
 
 def as_float(images: np.ndarray) -> np.ndarray:

@@ -16,6 +16,8 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image, ImageFilter
 
+from photometric_specs import DINO_GLOBAL_2
+from photometric_specs import MOCO_V2
 from retro_jax.data import blur
 from retro_jax.data import device_ops
 from retro_jax.data import example_loop
@@ -84,20 +86,9 @@ def test_planar_blur_equals_the_channels_last_blur_and_is_near_pillow(photos):
                     ) <= FLOAT_ATOL
 
 
-MOCO_V2 = {
-    "color_jitter": {"p": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.4,
-                     "hue": 0.1},
-    "grayscale": {"p": 0.2},
-    "gaussian_blur": {"p": 0.5, "sigma": (0.1, 2.0)},
-    "normalize": {},
-}
 SPECS = {
     "mocov2": MOCO_V2,
-    "dino_global_2": {
-        "color_jitter": {"p": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.2,
-                         "hue": 0.1},
-        "grayscale": {"p": 0.2}, "gaussian_blur": {"p": 0.1}, "solarize": {"p": 0.2},
-        "normalize": {}},
+    "dino_global_2": DINO_GLOBAL_2,
     "always, some jitter ops off": {
         "color_jitter": {"p": 1.0, "brightness": 0.4, "hue": 0.5},
         "grayscale": {"p": 0.5}, "gaussian_blur": {"p": 1.0, "sigma": (0.1, 3.0)},
