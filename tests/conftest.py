@@ -62,6 +62,7 @@ _force_simulated_cpu_devices()
 _share_compilation_cache()
 
 # Only now may JAX or TensorFlow be imported.
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from retro_jax.data import tf_runtime  # noqa: E402
@@ -178,3 +179,14 @@ def fashion_mnist_tfds(tmp_path_factory, fashion_mnist_dir) -> pathlib.Path:
   prepare.prepare("fashion_mnist", data_dir=data_dir, source_dir=fashion_mnist_dir,
                   log=lambda message: None)
   return data_dir
+
+
+@pytest.fixture(scope="session")
+def photos() -> np.ndarray:
+  """Six 40x48 uint8 RGB crops of scikit-learn's sample photos (sky, foliage, petals, edges,
+  saturated and grey pixels), for the data tests."""
+  import sklearn.datasets  # pylint: disable=import-outside-toplevel  (only the data tests need it)
+  china, flower = sklearn.datasets.load_sample_images().images
+  corners = [(china, 0, 0), (china, 200, 150), (china, 300, 500), (flower, 0, 0),
+             (flower, 150, 250), (flower, 350, 400)]
+  return np.stack([img[y:y + 40, x:x + 48] for img, y, x in corners])
