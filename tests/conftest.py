@@ -39,9 +39,10 @@ def _force_simulated_cpu_devices() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-# Compiles shorter than this are not written to the cache: the many tiny programs of eager
-# ops would cost more disk writes than they save.
-_CACHE_MIN_COMPILE_SECONDS = "0.5"
+# Every compile is written to the cache, the eager ops' too: each parameter shape's random
+# initialiser compiles for 0.3-1.4 s on this CPU, and building EfficientNet-B0 took 12.9 s with
+# a cold cache against 2.7 s with this one warm (separate processes, 2026-12-07).
+_CACHE_MIN_COMPILE_SECONDS = "0"
 _own_cache_dir: str | None = None
 
 
