@@ -31,6 +31,7 @@ from retro_jax.models.encoder import Encoder
 from retro_jax.models.encoder import EncoderSpec
 from retro_jax.models.encoder import abstract_encoder
 from retro_jax.models.encoder import materialize_rng_state
+from retro_jax.user_errors import UserError
 
 MODEL_JSON = "model.json"
 STATE_DIR = "state"
@@ -38,7 +39,7 @@ FORMAT = "retro_jax.model"
 FORMAT_VERSION = 1
 
 
-class ModelDirectoryError(ValueError):
+class ModelDirectoryError(UserError, ValueError):
   """A model directory is missing, incomplete or not one of ours."""
 
 
@@ -145,7 +146,7 @@ def _as_abstract(leaf: Any) -> Any:
   return leaf
 
 
-class TrainCheckpointError(RuntimeError):
+class TrainCheckpointError(UserError, RuntimeError):
   """A training checkpoint cannot be written or read back."""
 
 

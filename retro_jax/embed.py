@@ -19,10 +19,12 @@ import sys
 
 import numpy as np
 
+from retro_jax.user_errors import UserError
+
 OUTPUTS = ("features", "embedding")
 
 
-class EmbedError(Exception):
+class EmbedError(UserError):
   """A user-facing failure: printed as one message, exit code 1."""
 
 

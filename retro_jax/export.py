@@ -25,6 +25,8 @@ import pathlib
 import sys
 from typing import Any
 
+from retro_jax.user_errors import UserError
+
 FORMATS = ("orbax", "torch")
 STAGES_JSON = "stages.json"
 MODEL_JSON = "model.json"  # retro_jax.checkpoint.MODEL_JSON, without importing JAX for it.
@@ -40,7 +42,7 @@ _TIMM_VITS = {"vit_tiny_patch16": "vit_tiny_patch16_224",
 _STEM_CHANNELS = {"efficientnet": 32, "mobilenet_v3": 16}
 
 
-class ExportError(Exception):
+class ExportError(UserError):
   """A user-facing failure: printed as one message, exit code 1."""
 
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from retro_jax.user_errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "report.md"
@@ -42,7 +44,7 @@ SCHEDULES = ("lr", "learning_rate", "weight_decay", "momentum", "teacher_momentu
 KNN_PREFIX = "knn_"
 
 
-class ReportError(Exception):
+class ReportError(UserError):
   """A user-facing failure (no run there, nothing logged): one message, exit code 1."""
 
 

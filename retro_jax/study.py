@@ -41,12 +41,13 @@ from typing import Any
 import ml_collections
 
 from retro_jax.export import STAGES_JSON  # the file `export` reads (export imports no JAX)
+from retro_jax.user_errors import UserError
 
 TEACHER = "teacher"
 TIMINGS_JSON = "timings.json"
 
 
-class StudyError(ValueError):
+class StudyError(UserError, ValueError):
   """A stage cannot run (data missing and not preparable, a broken earlier stage)."""
 
 

@@ -20,11 +20,13 @@ import pathlib
 import sys
 from typing import Any
 
+from retro_jax.user_errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ConversionError(Exception):
+class ConversionError(UserError):
   """A user-facing failure: printed as one message, exit code 1."""
 
 

@@ -14,9 +14,10 @@ import dataclasses
 from typing import Any
 
 from retro_jax.convert import timm_layout
+from retro_jax.user_errors import UserError
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
   """The file is not in the format it was said to be."""
 
 

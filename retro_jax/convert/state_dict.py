@@ -27,13 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retro_jax.user_errors import UserError
+
 # Torch bookkeeping that carries no model state.
 _IGNORED_TORCH_LEAVES = ("num_batches_tracked",)
 _LEAF_RENAMES = {"scale": "weight", "mean": "running_mean", "var": "running_var"}
 _LISTED_PER_KIND = 20
 
 
-class StateDictMismatchError(ValueError):
+class StateDictMismatchError(UserError, ValueError):
   """A state dict does not fit a model exactly."""
 
   def __init__(self, missing: list[str], unexpected: list[str], wrong_shape: list[str],

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from retro_jax.data import tf_runtime
+from retro_jax.user_errors import UserError
 
 # TFDS name -> (module defining RECIPE, one-line summary). Add a line per dataset.
 DATASETS: dict[str, tuple[str, str]] = {
@@ -44,12 +45,14 @@ CONNECT_TIMEOUT_S = 3.0
 Log = Callable[[str], None]
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
   """The dataset cannot be prepared; the message says why and what to do."""
 
 
 class UnknownDatasetError(PrepareError):
-  """No recipe has this name; the message lists the known ones."""
+  """No recipe has this name; the message lists the known ones (a usage error: exit 2)."""
+
+  exit_code = 2
 
 
 class SourceMissingError(PrepareError):

@@ -36,6 +36,7 @@ import numpy as np
 
 from retro_jax.data import prepare
 from retro_jax.data.tf_runtime import import_tensorflow
+from retro_jax.user_errors import UserError
 
 tf = import_tensorflow()
 
@@ -47,7 +48,7 @@ _READ_BUFFER_BYTES = 8 << 20
 _SHOWN = 5
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError, ValueError):
   """The data cannot be read as configured; the message says what was expected and found."""
 
 

@@ -51,6 +51,7 @@ from retro_jax.data import presets
 from retro_jax.data import sources
 from retro_jax.evaluate import knn
 from retro_jax.train import mesh as mesh_lib
+from retro_jax.user_errors import UserError
 
 FEATURES = ("backbone", "embedding")
 DEFAULT_BATCH_SIZE = 256
@@ -61,7 +62,7 @@ _CACHE_VERSION = 1
 log = logging.getLogger(__name__)
 
 
-class FeatureError(ValueError):
+class FeatureError(UserError, ValueError):
   """Features that cannot be extracted as asked (no head, bad `which`, batch size)."""
 
 

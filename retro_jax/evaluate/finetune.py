@@ -52,13 +52,14 @@ from retro_jax.models.encoder import EncoderSpec
 from retro_jax.train import mesh as mesh_lib
 from retro_jax.train import optim
 from retro_jax.train.progress import Progress
+from retro_jax.user_errors import UserError
 
 log = logging.getLogger(__name__)
 
 CLASSIFIER_FILE = "classifier.npz"
 
 
-class FinetuneError(ValueError):
+class FinetuneError(UserError, ValueError):
   """A fine-tuning config or input that cannot work; found before any compute is spent."""
 
 

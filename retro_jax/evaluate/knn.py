@@ -65,6 +65,8 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from retro_jax.user_errors import UserError
+
 __all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_KS", "KnnError", "TEMPERATURE", "extract_features",
            "knn_accuracy", "knn_predict"]
 
@@ -76,7 +78,7 @@ _NORMALIZE_EPSILON = 1e-12  # F.normalize's eps
 log = logging.getLogger(__name__)
 
 
-class KnnError(ValueError):
+class KnnError(UserError, ValueError):
   """Inputs the k-NN classifier cannot use (shapes, labels, k, temperature)."""
 
 

@@ -46,6 +46,7 @@ import numpy as np
 import optax
 
 from retro_jax.train import optim
+from retro_jax.user_errors import UserError
 
 EPOCHS = 100  # main_lincls.py --epochs
 BATCH_SIZE = 256  # main_lincls.py -b
@@ -72,7 +73,7 @@ def _normalized(train_x: np.ndarray, test_x: np.ndarray, how: str):
   return train_x, test_x
 
 
-class LinearError(ValueError):
+class LinearError(UserError, ValueError):
   """Inputs the linear probe cannot use, or a run that diverged."""
 
 

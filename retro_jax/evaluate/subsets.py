@@ -34,11 +34,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from retro_jax.data import sources
+from retro_jax.user_errors import UserError
 
 FRACTIONS = (0.01, 0.1)  # SimCLR's 1 % and 10 % ImageNet label subsets
 
 
-class SubsetError(ValueError):
+class SubsetError(UserError, ValueError):
   """A subset that cannot be drawn or read (bad fraction, unknown file names, no file names)."""
 
 

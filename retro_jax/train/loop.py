@@ -40,6 +40,7 @@ from retro_jax.train.multicrop_methods import METHODS as MULTICROP_METHODS
 from retro_jax.train.multicrop_methods import MultiCropMethod
 from retro_jax.train.monitor import KnnMonitor
 from retro_jax.train.progress import Progress
+from retro_jax.user_errors import UserError
 
 
 OBJECTIVE_CONFIGS = {"mocov2": mocov2.Config, "disco": disco.Config, "retro": retro.Config,
@@ -47,7 +48,7 @@ OBJECTIVE_CONFIGS = {"mocov2": mocov2.Config, "disco": disco.Config, "retro": re
                      "rob_msn": rob_msn.Config}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config value that cannot work, found before any compute is spent."""
 
 

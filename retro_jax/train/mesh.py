@@ -18,10 +18,12 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from retro_jax.user_errors import UserError
+
 DATA_AXIS = "data"
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
   """A batch or buffer size that cannot be laid out on the devices."""
 
 

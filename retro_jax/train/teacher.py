@@ -54,6 +54,7 @@ from retro_jax.data import device_ops
 from retro_jax.models.encoder import Encoder
 from retro_jax.models.encoder import EncoderSpec
 from retro_jax.models.encoder import build_encoder
+from retro_jax.user_errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BN_MODES = ("eval", "batch")
 
 
-class TeacherConfigError(ValueError):
+class TeacherConfigError(UserError, ValueError):
   """The teacher section names no teacher, or a setting that does not exist."""
 
 
