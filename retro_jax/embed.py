@@ -14,17 +14,19 @@ directory).
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 
 import numpy as np
 
-from retro_jax.user_errors import UserError
+from retro_jax import output_paths
+from retro_jax import user_errors
 
 OUTPUTS = ("features", "embedding")
 
 
-class EmbedError(UserError):
+class EmbedError(user_errors.UserError):
   """A user-facing failure: printed as one message, exit code 1."""
 
 
@@ -77,6 +79,7 @@ def embed(model, images: np.ndarray, *, mean, std, output: str = "features",
   return np.concatenate(chunks).astype(np.float32)
 
 
+@user_errors.boundary
 def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.embed") -> int:
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -84,28 +87,31 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.embed")
   parser.add_argument("--checkpoint", required=True, type=pathlib.Path,
                       help="a retro_jax model directory (converted, trained or exported)")
   parser.add_argument("--images", required=True, type=pathlib.Path, help="NHWC .npy array")
-  parser.add_argument("--out", required=True, type=pathlib.Path, help=".npy file to write")
+  parser.add_argument("--out", required=True, type=pathlib.Path,
+                      help="the .npy file to write, at exactly this path (replaced if it "
+                      "exists)")
   parser.add_argument("--output", choices=OUTPUTS, default="features")
   parser.add_argument("--batch-size", type=int, default=64)
+  user_errors.add_debug_flag(parser)
   args = parser.parse_args(argv)
   if args.batch_size < 1:
     parser.error("--batch-size must be positive")
+  output_paths.check_file(args.out, "--out")  # Before any model is loaded or run.
+  images = read_images(args.images)
   from retro_jax import checkpoint  # pylint: disable=g-import-not-at-top
 
-  try:
-    images = read_images(args.images)
-    model, description = checkpoint.load_model(args.checkpoint)
-    result = embed(model, images, mean=description["input"]["mean"],
-                   std=description["input"]["std"], output=args.output,
-                   batch_size=min(args.batch_size, len(images)),
-                   progress=lambda done, total: print(f"\rembedded {done}/{total}", end="",
-                                                      file=sys.stderr))
-  except (EmbedError, checkpoint.ModelDirectoryError) as error:
-    print(f"embed: error: {error}", file=sys.stderr)
-    return 1
+  model, description = checkpoint.load_model(args.checkpoint)
+  result = embed(model, images, mean=description["input"]["mean"],
+                 std=description["input"]["std"], output=args.output,
+                 batch_size=min(args.batch_size, len(images)),
+                 progress=lambda done, total: print(f"\rembedded {done}/{total}", end="",
+                                                    file=sys.stderr))
   print(file=sys.stderr)
   args.out.parent.mkdir(parents=True, exist_ok=True)
-  np.save(args.out, result)
+  partial = args.out.with_name(args.out.name + ".partial")
+  with open(partial, "wb") as file:  # np.save(path) would add .npy to another suffix.
+    np.save(file, result)
+  os.replace(partial, args.out)  # Atomic: an interrupted run leaves no half-written array.
   print(f"wrote {args.output} {result.shape} float32 to {args.out}")
   return 0
 

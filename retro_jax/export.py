@@ -25,7 +25,8 @@ import pathlib
 import sys
 from typing import Any
 
-from retro_jax.user_errors import UserError
+from retro_jax import output_paths
+from retro_jax import user_errors
 
 FORMATS = ("orbax", "torch")
 STAGES_JSON = "stages.json"
@@ -42,7 +43,7 @@ _TIMM_VITS = {"vit_tiny_patch16": "vit_tiny_patch16_224",
 _STEM_CHANNELS = {"efficientnet": 32, "mobilenet_v3": 16}
 
 
-class ExportError(UserError):
+class ExportError(user_errors.UserError):
   """A user-facing failure: printed as one message, exit code 1."""
 
 
@@ -226,7 +227,12 @@ def _same_or_inside(a: pathlib.Path, b: pathlib.Path) -> bool:
 
 def export(workdir: pathlib.Path, out: pathlib.Path, fmt: str, *, stage: str | None = None,
            with_head: bool = False, overwrite: bool = False) -> dict[str, Any]:
-  """Exports one model; returns {"paths": what was written, "description"}. Raises ExportError."""
+  """Exports one model; returns {"paths": what was written, "description"}.
+
+  Raises:
+    ExportError: nothing to export there, or it cannot be exported in `fmt`.
+    output_paths.OutputPathError: `out` cannot be written (checked before the model loads).
+  """
   model_dir = resolve_model_dir(workdir, stage)
   from retro_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from retro_jax.models.encoder import Encoder  # pylint: disable=g-import-not-at-top
@@ -253,6 +259,7 @@ def export(workdir: pathlib.Path, out: pathlib.Path, fmt: str, *, stage: str | N
       raise ExportError(f"--out {out} overlaps the model directory it exports ({model_dir})")
     if out.exists() and not out.is_dir():
       raise ExportError(f"--out {out} is a file; a model directory is written there")
+    output_paths.check_directory(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
       raise ExportError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
     model = _load(checkpoint, model_dir)
@@ -276,6 +283,8 @@ def export(workdir: pathlib.Path, out: pathlib.Path, fmt: str, *, stage: str | N
   existing = [p for p in (pt_path, json_path) if p.exists()]
   if existing and not overwrite:
     raise ExportError(f"{', '.join(map(str, existing))} exists (pass --overwrite to replace it)")
+  for path in (pt_path, json_path):
+    output_paths.check_file(path, "--out")
   from retro_jax.convert.state_dict import model_state_dict  # pylint: disable=g-import-not-at-top
 
   backbone = _load(checkpoint, model_dir).backbone
@@ -314,6 +323,7 @@ def _load(checkpoint, model_dir: pathlib.Path):
     raise ExportError(f"cannot load {model_dir}: {error}") from None
 
 
+@user_errors.boundary
 def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.export") -> int:
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -327,16 +337,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.export"
   parser.add_argument("--with-head", action="store_true",
                       help="orbax: keep the method's projection head (default: backbone only)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  user_errors.add_debug_flag(parser)
   args = parser.parse_args(argv)
   if args.with_head and args.format == "torch":
     parser.error("--with-head applies to --format orbax: a torch export is the backbone that "
                  "torchvision/timm models load")
-  try:
-    result = export(args.workdir, args.out, args.format, stage=args.stage,
-                    with_head=args.with_head, overwrite=args.overwrite)
-  except ExportError as error:
-    print(f"export: error: {error}", file=sys.stderr)
-    return 1
+  result = export(args.workdir, args.out, args.format, stage=args.stage,
+                  with_head=args.with_head, overwrite=args.overwrite)
   description = result["description"]
   origin = description["exported_from"] or {}
   facts = ", ".join(f"{k} {origin[k]}" for k in ("method", "step", "format") if k in origin)

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from retro_jax.user_errors import UserError
+from retro_jax import output_paths
+from retro_jax import user_errors
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -44,7 +45,7 @@ SCHEDULES = ("lr", "learning_rate", "weight_decay", "momentum", "teacher_momentu
 KNN_PREFIX = "knn_"
 
 
-class ReportError(UserError):
+class ReportError(user_errors.UserError):
   """A user-facing failure (no run there, nothing logged): one message, exit code 1."""
 
 
@@ -99,14 +100,15 @@ def read_metrics(workdir: str | pathlib.Path) -> RunLog:
     raise ReportError(f"{path} does not exist: no training run has logged a step in {workdir}")
   records: list[dict[str, Any]] = []
   superseded = unreadable = 0
-  with open(path, encoding="utf-8") as lines:
+  with open(path, "rb") as lines:  # Bytes: a damaged line must not end the whole report.
     for line in lines:
       if not line.strip():
         continue
       try:
-        raw = json.loads(line)  # Python's json reads NaN and Infinity, as progress writes them.
-      except ValueError:
-        unreadable += 1  # e.g. the last line of a run killed mid-write
+        # Python's json reads NaN and Infinity, as progress writes them.
+        raw = json.loads(line.decode("utf-8"))
+      except ValueError:  # not UTF-8 or not JSON: e.g. the last line of a killed run
+        unreadable += 1
         continue
       step = raw.get("step") if isinstance(raw, dict) else None
       if isinstance(step, bool) or not isinstance(step, (int, float)) or step != int(step):
@@ -541,6 +543,7 @@ def write_results_report(workdir: str | pathlib.Path, title: str,
 # Command line.
 
 
+@user_errors.boundary
 def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.report") -> int:
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -548,15 +551,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.report"
   parser.add_argument("--workdir", required=True, type=pathlib.Path,
                       help="a training run's workdir (holds metrics.jsonl)")
   parser.add_argument("--title", default=None, help="the report's heading")
+  user_errors.add_debug_flag(parser)
   args = parser.parse_args(argv)
-  try:
-    report = write_report(args.workdir, title=args.title)
-  except ReportError as error:
-    print(f"report: error: {error}", file=sys.stderr)
-    return 1
-  except OSError as error:  # e.g. a read-only workdir
-    print(f"report: error: cannot write the report in {args.workdir}: {error}", file=sys.stderr)
-    return 1
+  if args.workdir.exists():  # A missing one is named by read_metrics.
+    output_paths.check_directory(args.workdir, "--workdir")
+  report = write_report(args.workdir, title=args.title)
   print(f"wrote {report} (plots in {report.parent / PLOTS_DIR})")
   return 0
 

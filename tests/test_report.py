@@ -231,7 +231,7 @@ def test_cli_user_errors_exit_1_with_one_line(tmp_path, case):
   assert result.returncode == 1
   assert result.stdout == ""
   lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("report: error: "), result.stderr
+  assert len(lines) == 1 and lines[0].startswith("python -m retro_jax.report: error: "), result.stderr
   assert str(workdir) in lines[0]
 
 

@@ -20,13 +20,14 @@ import pathlib
 import sys
 from typing import Any
 
-from retro_jax.user_errors import UserError
+from retro_jax import output_paths
+from retro_jax import user_errors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ConversionError(UserError):
+class ConversionError(user_errors.UserError):
   """A user-facing failure: printed as one message, exit code 1."""
 
 
@@ -63,9 +64,32 @@ def read_torch_file(path: pathlib.Path) -> Any:
       return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as error:  # pylint: disable=broad-except
     # torch raises RuntimeError, EOFError, UnpicklingError, ... depending on the damage.
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    unpickler, reason = _torch_load_reason(error)
+    if unpickler.startswith("Unsupported global"):
+      raise ConversionError(
+          f"{path} holds pickled Python objects besides tensors ({unpickler}); retro_jax reads "
+          "checkpoints with torch's safe, weights-only loader and never runs code from a file. "
+          "If you trust the file, load it in PyTorch yourself and save its weights alone: "
+          "torch.save(checkpoint['state_dict'], PATH) (or model.state_dict())") from None
     raise ConversionError(f"cannot read {path} as a PyTorch checkpoint (truncated, corrupt or "
-                          f"not a torch file?): {type(error).__name__}: {reason}") from None
+                          f"not a torch file?): {reason}") from None
+
+
+def _torch_load_reason(error: Exception) -> tuple[str, str]:
+  """(the weights-only unpickler's own complaint or "", a one-line reason) of a failed load.
+
+  torch's UnpicklingError opens with advice to pass weights_only=False, which would run any
+  code the file holds and which this CLI cannot do: only the unpickler's complaint is kept.
+  """
+  text = str(error)
+  if "WeightsUnpickler error:" in text:
+    unpickler = text.split("WeightsUnpickler error:", 1)[1]
+    unpickler = unpickler.split("Check the documentation of torch.load")[0]
+    unpickler = unpickler.split(". Please use `torch.serialization")[0]
+    unpickler = " ".join(unpickler.split()).rstrip(".")
+    return unpickler, f"{type(error).__name__}: {unpickler}"
+  first = text.strip().splitlines()[0] if text.strip() else ""
+  return "", f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def guess_architecture(backbone_state: dict[str, Any], near: str) -> str | None:
@@ -74,15 +98,21 @@ def guess_architecture(backbone_state: dict[str, Any], near: str) -> str | None:
   Architectures of the same family as `near` (the one asked for) are tried first, since
   building each one's shapes costs a second or more.
   """
+  from retro_jax.convert.formats import classifier_prefixes  # pylint: disable=g-import-not-at-top
   from retro_jax.convert.formats import family  # pylint: disable=g-import-not-at-top
   from retro_jax.models import registry  # pylint: disable=g-import-not-at-top
 
-  wanted = {k: tuple(v.shape) for k, v in backbone_state.items()
-            if not k.endswith("num_batches_tracked")}
+  def wanted(name: str) -> dict[str, tuple[int, ...]]:
+    # Without `name`'s ImageNet classifier: the split of the file for another family (the
+    # --arch given) kept it in the backbone, e.g. `classifier.*` when --arch was a ResNet.
+    return {k: tuple(v.shape) for k, v in backbone_state.items()
+            if not k.endswith("num_batches_tracked")
+            and not k.startswith(classifier_prefixes(name))}
+
   # Shorter names first within a family: resnet18 before resnet101, cheaper to build.
   names = sorted(registry.backbone_names(),
                  key=lambda name: (family(name) != family(near), len(name), name))
-  return next((name for name in names if _backbone_shapes(name) == wanted), None)
+  return next((name for name in names if _backbone_shapes(name) == wanted(name)), None)
 
 
 @functools.cache
@@ -97,7 +127,12 @@ def _backbone_shapes(name: str) -> dict[str, tuple[int, ...]]:
 
 def convert(src: pathlib.Path, fmt: str, arch: str, out: pathlib.Path, *,
             mean=IMAGENET_MEAN, std=IMAGENET_STD, overwrite: bool = False) -> dict[str, Any]:
-  """Converts one file; returns the written description. Raises ConversionError."""
+  """Converts one file; returns the written description.
+
+  Raises:
+    ConversionError: the file cannot be read or converted.
+    output_paths.OutputPathError: `out` cannot be written (checked before the file is read).
+  """
   # Imported here so that `--help` and argument errors stay instant.
   from retro_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from retro_jax.convert import formats  # pylint: disable=g-import-not-at-top
@@ -110,6 +145,7 @@ def convert(src: pathlib.Path, fmt: str, arch: str, out: pathlib.Path, *,
     raise ConversionError(f"unknown --arch {arch!r}; known: {', '.join(registry.backbone_names())}")
   if not src.is_file():
     raise ConversionError(f"--src {src}: no such file")
+  output_paths.check_directory(out, "--out")
   if out.exists() and any(out.iterdir()) and not overwrite:
     raise ConversionError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
 
@@ -144,6 +180,7 @@ def convert(src: pathlib.Path, fmt: str, arch: str, out: pathlib.Path, *,
   return description
 
 
+@user_errors.boundary
 def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.convert") -> int:
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -157,13 +194,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.convert
   parser.add_argument("--std", type=_floats3, default=IMAGENET_STD,
                       help="input normalisation std, R,G,B (default: ImageNet's)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  user_errors.add_debug_flag(parser)
   args = parser.parse_args(argv)
-  try:
-    description = convert(args.src, args.format, args.arch, args.out, mean=args.mean,
-                          std=args.std, overwrite=args.overwrite)
-  except ConversionError as error:
-    print(f"convert: error: {error}", file=sys.stderr)
-    return 1
+  description = convert(args.src, args.format, args.arch, args.out, mean=args.mean,
+                        std=args.std, overwrite=args.overwrite)
   head = description["head"]
   print(f"converted {args.src} ({args.format}) -> {args.out}")
   print(f"  backbone  {args.arch}")

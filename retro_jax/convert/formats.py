@@ -68,8 +68,13 @@ def _strip(state: dict[str, Any], prefix: str) -> dict[str, Any]:
   return state
 
 
+def classifier_prefixes(arch: str) -> tuple[str, ...]:
+  """The key prefixes of `arch`'s ImageNet classifier in its reference layout."""
+  return _CLASSIFIERS[family(arch)]
+
+
 def _drop_classifier(state: dict[str, Any], arch: str, ignored: dict[str, str]) -> dict[str, Any]:
-  prefixes = _CLASSIFIERS[family(arch)]
+  prefixes = classifier_prefixes(arch)
   kept = {}
   for key, value in state.items():
     if key.startswith(prefixes):

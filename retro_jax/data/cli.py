@@ -20,6 +20,7 @@ import argparse
 import pathlib
 import sys
 
+from retro_jax import user_errors
 from retro_jax.data import prepare
 
 
@@ -30,19 +31,7 @@ def _list() -> int:
   return 0
 
 
-def _prepare(args: argparse.Namespace, prog: str) -> int:
-  try:
-    prepare.prepare(args.name, data_dir=args.data_dir, source_dir=args.source_dir,
-                    download=True if args.download else None, force=args.force)
-  except prepare.UnknownDatasetError as error:
-    print(f"{prog} prepare: error: {error}", file=sys.stderr)
-    return 2
-  except prepare.PrepareError as error:
-    print(f"{prog} prepare: error: {error}", file=sys.stderr)
-    return 1
-  return 0
-
-
+@user_errors.boundary
 def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.data") -> int:
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -65,10 +54,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.data") 
                       help="ignore local files and let TFDS download the dataset")
   build.add_argument("--force", action="store_true",
                      help="rebuild even if the dataset is already prepared")
+  for command in (parser, build):
+    user_errors.add_debug_flag(command)
   args = parser.parse_args(argv)
   if args.command == "list":
     return _list()
-  return _prepare(args, prog)
+  # Errors (an unknown name: exit 2; files missing and no download: exit 1) reach the
+  # boundary, which prints them as one line.
+  prepare.prepare(args.name, data_dir=args.data_dir, source_dir=args.source_dir,
+                  download=True if args.download else None, force=args.force)
+  return 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from retro_jax import output_paths
 from retro_jax.data import tf_runtime
 from retro_jax.user_errors import UserError
 
@@ -201,6 +202,9 @@ def prepare(name: str, *, data_dir: str | os.PathLike | None = None,
         f"({_counts(prepared)}); nothing to do (--force rebuilds it).")
     return prepared
 
+  output_paths.check_directory(
+      builder.data_dir_root, "--data-dir" if data_dir is not None else
+      "the TFDS data directory ($TFDS_DATA_DIR, else ~/tensorflow_datasets; --data-dir sets it)")
   tf_runtime.disable_tfds_download_retries()
   with tempfile.TemporaryDirectory(prefix=f"retro_jax-{name}-") as staging:
     source, manual_dir, missing = None, None, ""

@@ -319,7 +319,8 @@ def _builder(name: str, version: str | None, data_dir: str | None):
           f"{_listing(versions) or 'none'})") from None
     raise DataSourceError(
         f"unknown TFDS dataset {name!r}: neither in TFDS's catalog nor prepared in {root} "
-        f"(which holds: {_listing(here) or 'nothing'}){_close_matches(name, catalog + here)}"
+        f"(which holds: {_listing(here) or 'nothing'})"
+        f"{_close_matches(name, list(dict.fromkeys(catalog + here)))}"
         ) from None
   except AssertionError as error:  # A catalog dataset asked for at a version it lacks.
     root = data_dir or tfds.core.constants.DATA_DIR

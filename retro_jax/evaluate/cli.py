@@ -38,6 +38,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from retro_jax import output_paths
+from retro_jax import user_errors
+
 PROTOCOLS = ("knn", "linear")
 KNN_KS = (20, 200)
 DEFAULT_BATCH_SIZE = 256
@@ -99,6 +102,13 @@ def evaluate_model(model_dir: str | os.PathLike, *, dataset: str,
   if label_fraction is not None and split_file is not None:
     raise ValueError("give a label fraction or a split file, not both")
 
+  # Both splits are opened (names, slices, labels) before the model is loaded: a mistyped
+  # test split fails in a second, not after the training split's features.
+  from retro_jax.data import sources  # pylint: disable=g-import-not-at-top
+  for split in (train_split, test_split):
+    sources.open_source(dataset, split, data_dir)
+  names = None if split_file is None else subsets.read_split_file(split_file)
+
   started = time.perf_counter()
   extractor = features_lib.FeatureExtractor(model_dir, which=which, image_size=image_size,
                                             batch_size=batch_size)
@@ -121,8 +131,6 @@ def evaluate_model(model_dir: str | os.PathLike, *, dataset: str,
     if train_skipped:
       raise subsets.SubsetError(f"{train_skipped} examples of {train_split} were unreadable, "
                                 "so rows no longer match example ids; cannot apply a split file")
-    names = subsets.read_split_file(split_file)
-    from retro_jax.data import sources  # pylint: disable=g-import-not-at-top
     source = sources.open_source(dataset, train_split, data_dir)
     rows_kept = subsets.indices_of_files(names, subsets.source_file_names(source))
   if rows_kept is not None:
@@ -130,6 +138,7 @@ def evaluate_model(model_dir: str | os.PathLike, *, dataset: str,
     train_parts = {name: x[rows_kept] for name, x in train_parts.items()}
     say(f"semi-supervised: {len(rows_kept)} labelled training examples")
 
+  used_ks = _used_ks(knn_ks, len(train_labels), say) if "knn" in protocols else {}
   common = {"train_examples": int(len(train_labels)), "test_examples": int(len(test_labels)),
             "num_classes": num_classes, "label_fraction": label_fraction,
             "split_file": None if split_file is None else str(split_file)}
@@ -139,12 +148,13 @@ def evaluate_model(model_dir: str | os.PathLike, *, dataset: str,
     if "knn" in protocols:
       t = time.perf_counter()
       accuracies = knn.knn_accuracy(train_x, train_labels, test_x, test_labels,
-                                    num_classes=num_classes, ks=tuple(knn_ks))
-      for k in knn_ks:
-        results.append({"protocol": f"knn_k{k}", "features": name,
-                        "top1": accuracies[f"knn_top1_k{k}"],
-                        "top5": accuracies.get(f"knn_top5_k{k}"), "k": k,
-                        "temperature": knn.TEMPERATURE, **common,
+                                    num_classes=num_classes, ks=tuple(used_ks))
+      for k, requested in used_ks.items():
+        row = {"protocol": f"knn_k{k}", "features": name, "top1": accuracies[f"knn_top1_k{k}"],
+               "top5": accuracies.get(f"knn_top5_k{k}"), "k": k}
+        if requested != [k]:
+          row["k_requested"] = requested
+        results.append({**row, "temperature": knn.TEMPERATURE, **common,
                         "seconds": time.perf_counter() - t})
     if "linear" in protocols:
       t = time.perf_counter()
@@ -163,6 +173,22 @@ def evaluate_model(model_dir: str | os.PathLike, *, dataset: str,
   for row in results:
     row["extract_seconds"] = extract_seconds
   return results
+
+
+def _used_ks(knn_ks: Sequence[int], train_examples: int,
+             say: Callable[[str], None]) -> dict[int, list[int]]:
+  """{k used: [the requested ks it stands for]}: a k above the training examples is that many.
+
+  The row is named by the k that was used (knn_k64, not knn_k200), with `k_requested`.
+  """
+  used: dict[int, list[int]] = {}
+  for k in knn_ks:  # k < 1 is left to knn_accuracy, which refuses it.
+    used.setdefault(min(k, train_examples), []).append(k)
+  for k, requested in used.items():
+    if requested != [k]:
+      say(f"k-NN: k={', '.join(map(str, requested))} exceeds the {train_examples} labelled "
+          f"training examples: the row knn_k{k} uses k={k}")
+  return used
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -186,6 +212,7 @@ def _list(value: str, choices: Sequence[str], what: str) -> tuple[str, ...]:
   return items
 
 
+@user_errors.boundary
 def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.evaluate") -> int:
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -220,11 +247,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.evaluat
   parser.add_argument("--out", type=pathlib.Path, default=None,
                       help="write results.json here (and cache features in OUT/features)")
   parser.add_argument("--no-cache", action="store_true", help="do not cache features")
+  user_errors.add_debug_flag(parser)
   args = parser.parse_args(argv)
   try:
     ks = tuple(int(k) for k in args.knn_k.split(","))
   except ValueError:
-    parser.error(f"--knn-k must be a comma list of integers, got {args.knn_k!r}")
+    ks = ()
+  if not ks or min(ks) < 1:
+    parser.error(f"--knn-k must be a comma list of positive integers, got {args.knn_k!r}")
   if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
     parser.error(f"--label-fraction must lie in (0, 1], got {args.label_fraction}")
   if args.label_fraction is not None and args.split_file is not None:
@@ -232,29 +262,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.evaluat
   if args.image_size is not None and args.image_size < 1:
     parser.error("--image-size must be positive")
 
-  from retro_jax.checkpoint import ModelDirectoryError  # pylint: disable=g-import-not-at-top
-  from retro_jax.data.sources import DataSourceError  # pylint: disable=g-import-not-at-top
-  from retro_jax.evaluate.features import FeatureError  # pylint: disable=g-import-not-at-top
-  from retro_jax.evaluate.knn import KnnError  # pylint: disable=g-import-not-at-top
-  from retro_jax.evaluate.linear import LinearError  # pylint: disable=g-import-not-at-top
-  from retro_jax.evaluate.subsets import SubsetError  # pylint: disable=g-import-not-at-top
+  if args.out is not None:
+    output_paths.check_directory(args.out, "--out")  # Before any feature is extracted.
 
   cache_dir = None if args.out is None or args.no_cache else args.out / "features"
   started = time.perf_counter()
-  try:
-    rows = evaluate_model(
-        args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
-        train_split=args.train_split, test_split=args.test_split, protocols=args.protocol,
-        features=args.features, image_size=args.image_size, linear_epochs=args.linear_epochs,
-        linear_lr=args.linear_lr, linear_batch_size=args.linear_batch_size,
-        linear_normalize=args.linear_normalize, knn_ks=ks,
-        batch_size=args.batch_size, label_fraction=args.label_fraction,
-        split_file=args.split_file, seed=args.seed, cache_dir=cache_dir,
-        log=lambda message: print(message, file=sys.stderr, flush=True))
-  except (ModelDirectoryError, DataSourceError, FeatureError, KnnError, LinearError,
-          SubsetError) as error:
-    print(f"{prog}: error: {error}", file=sys.stderr)
-    return 1
+  rows = evaluate_model(
+      args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
+      train_split=args.train_split, test_split=args.test_split, protocols=args.protocol,
+      features=args.features, image_size=args.image_size, linear_epochs=args.linear_epochs,
+      linear_lr=args.linear_lr, linear_batch_size=args.linear_batch_size,
+      linear_normalize=args.linear_normalize, knn_ks=ks,
+      batch_size=args.batch_size, label_fraction=args.label_fraction,
+      split_file=args.split_file, seed=args.seed, cache_dir=cache_dir,
+      log=lambda message: print(message, file=sys.stderr, flush=True))
   print(format_table(rows), flush=True)
   if args.out is not None:
     args.out.mkdir(parents=True, exist_ok=True)

@@ -132,7 +132,7 @@ def test_torchvision_resnet18_features_match(resnet18_file, tmp_path):
 def _expect_failure(capsys, args, *fragments):
   assert run_convert(*args) == 1
   err = capsys.readouterr().err
-  assert err.startswith("convert: error: ")
+  assert err.startswith("python -m retro_jax.convert: error: ")
   assert "Traceback" not in err
   for fragment in fragments:
     assert fragment in err, err
