@@ -26,6 +26,10 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from retro_jax import config_flag_errors
+from retro_jax import output_paths
+from retro_jax import user_errors
+
 USAGE = ("usage: {prog} --config configs/NAME.py[:VARIANT] --workdir DIR "
          "[--config.KEY=VALUE ...]")
 
@@ -37,6 +41,7 @@ def _flag_values(argv: list[str]) -> flags.FlagValues:
                                   flag_values=values, lock_config=True, sys_argv=argv)
   flags.DEFINE_string("workdir", None, "where checkpoints, logs and the student go",
                       flag_values=values)
+  flags.DEFINE_boolean("debug", False, user_errors.DEBUG_HELP, flag_values=values)
   # Several hosts: every process runs the same command with its own --process_id. Unset flags
   # fall back to JAX's own detection (Cloud TPU, SLURM, Open MPI environments).
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host runs)",
@@ -70,8 +75,8 @@ def _initialize_distributed(argv: list[str]) -> None:
                              num_processes=known.num_processes, process_id=known.process_id)
 
 
+@user_errors.boundary
 def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.main") -> int:
-  argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] in ("-h", "--help"):
     print(USAGE.format(prog=prog) + "\n\n" + __doc__.split("\n\n", 1)[1],
           file=sys.stdout if argv else sys.stderr)
@@ -81,17 +86,19 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.main") 
   except (ValueError, RuntimeError) as error:
     print(f"{prog}: could not join the multi-process run: {error}", file=sys.stderr)
     return 1
+  usage = USAGE.format(prog=prog)
+  if (missing := config_flag_errors.check_config_file(argv)) is not None:
+    raise user_errors.UsageError(f"{missing}\n{usage}")
   values = _flag_values([prog] + argv)
   try:
     values([prog] + argv)
-  except (flags.Error, FileNotFoundError, AttributeError, TypeError, ValueError) as error:
-    print(f"{prog}: {error}\n{USAGE.format(prog=prog)}", file=sys.stderr)
-    return 2
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+    raise user_errors.UsageError(f"{config_flag_errors.explain(error, argv)}\n{usage}") from None
   if values.config is None or values.workdir is None:
-    print(f"{prog}: --config and --workdir are required\n{USAGE.format(prog=prog)}",
-          file=sys.stderr)
-    return 2
+    raise user_errors.UsageError(f"--config and --workdir are required\n{usage}")
   config, workdir = values.config, pathlib.Path(values.workdir)
+  # A workdir that is a file or read-only fails now, not after the model is built.
+  output_paths.check_directory(workdir, "--workdir")
 
   # Imported here so that --help and usage errors stay instant.
   from retro_jax.checkpoint import ModelDirectoryError, TrainCheckpointError  # pylint: disable=g-import-not-at-top
