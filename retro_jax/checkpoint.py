@@ -19,10 +19,12 @@ back before any array so a resume can refuse a changed teacher before spending c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -364,6 +366,7 @@ class TrainCheckpoints:
           f"{wanted.get(differ[0], 'absent')} in this run")
     args = ocp.args.Composite(**{self.STATE: ocp.args.StandardRestore(target),
                                  self.RECORD: ocp.args.JsonRestore()})
+    silence_abandoned_reads()  # the leftovers of a failed read would print tracebacks
     try:
       restored = self._manager.restore(step, args=args)
     except Exception as error:  # pylint: disable=broad-except  (TensorStore: bare Exception)

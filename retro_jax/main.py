@@ -5,8 +5,11 @@ Trains (or resumes) the run a config file describes (`config.task`: 'pretrain', 
 configs/quickstart.py and configs/study_fashion_mnist.py). The config is an ml_collections file
 whose `get_config(variant)` returns a locked ConfigDict, so a misspelt `--config.key` is an
 error; values derived from it (steps, schedules, scaled learning rate) are computed by the
-trainer from the final, overridden config. The resolved config is printed and written to
-WORKDIR/config.json. Restarting the same command continues from the last checkpoint.
+trainer from the final, overridden config. The resolved config is printed and, once every
+check has passed, written to WORKDIR/config.json. Restarting the same command continues from
+the last checkpoint that can be read; a resume whose training-relevant config differs from the
+checkpoint's is refused, naming the keys, unless --allow_config_change is given (the changes
+are then appended to WORKDIR/config_changes.jsonl with the step they take effect from).
 
 Several hosts: run the same command on every host with --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (or let JAX detect them on Cloud TPU / SLURM); each process
@@ -31,7 +34,7 @@ from retro_jax import output_paths
 from retro_jax import user_errors
 
 USAGE = ("usage: {prog} --config configs/NAME.py[:VARIANT] --workdir DIR "
-         "[--config.KEY=VALUE ...]")
+         "[--config.KEY=VALUE ...] [--allow_config_change]")
 
 
 def _flag_values(argv: list[str]) -> flags.FlagValues:
@@ -42,6 +45,11 @@ def _flag_values(argv: list[str]) -> flags.FlagValues:
   flags.DEFINE_string("workdir", None, "where checkpoints, logs and the student go",
                       flag_values=values)
   flags.DEFINE_boolean("debug", False, user_errors.DEBUG_HELP, flag_values=values)
+  flags.DEFINE_boolean("allow_config_change", False,
+                       "resume although training-relevant config values changed (recorded in "
+                       "WORKDIR/config_changes.jsonl); without it such a resume is refused",
+                       flag_values=values)
+  flags.DEFINE_alias("allow-config-change", "allow_config_change", flag_values=values)
   # Several hosts: every process runs the same command with its own --process_id. Unset flags
   # fall back to JAX's own detection (Cloud TPU, SLURM, Open MPI environments).
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host runs)",
@@ -119,12 +127,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.main") 
           file=sys.stderr)
     return 1
 
-  resolved = config.to_json_best_effort(indent=2, sort_keys=True)
-  print(f"config ({values['config'].config_filename}):\n{resolved}", flush=True)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(resolved + "\n")
+  # The run writes WORKDIR/config.json itself, once its checks have passed (run_record).
+  from retro_jax.train import run_record  # pylint: disable=g-import-not-at-top
+  print(f"config ({values['config'].config_filename}):\n{run_record.config_text(config)}",
+        flush=True)
   try:
-    final = run(config, workdir)
+    final = run(config, workdir, allow_config_change=values.allow_config_change)
   except (loop.ConfigError, DataSourceError, ModelDirectoryError, TrainCheckpointError,
           ValueError) as error:  # ValueError includes study.StudyError
     print(f"{prog}: {error}", file=sys.stderr)

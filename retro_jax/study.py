@@ -95,19 +95,18 @@ def _finished(run_dir: pathlib.Path, total_steps: int) -> bool:
 
 
 def train_stage(stage: ml_collections.ConfigDict, name: str, run_dir: pathlib.Path,
-                timings: Timings) -> pathlib.Path:
-  """Trains (or resumes, or skips) one training config in `run_dir`; returns its student."""
+                timings: Timings, *, allow_config_change: bool = False) -> pathlib.Path:
+  """Trains (or resumes, or skips) one training config in `run_dir`; returns its student.
+
+  The stage keeps its own record (`loop.train`: run_dir/config.json, config_changes.jsonl)."""
   from retro_jax.train import loop  # pylint: disable=g-import-not-at-top
   if _finished(run_dir, stage.total_steps):
     _log(f"{name}: already trained ({run_dir / 'student'}); skipped")
     return run_dir / "student"
   _log(f"{name}: {stage.method} {stage.student.name}, {stage.total_steps} steps of "
        f"{stage.global_batch_size}, seed {stage.seed} -> {run_dir}")
-  run_dir.mkdir(parents=True, exist_ok=True)
-  (run_dir / "config.json").write_text(stage.to_json_best_effort(indent=2, sort_keys=True)
-                                       + "\n")
   started = time.perf_counter()
-  loop.train(stage, run_dir)
+  loop.train(stage, run_dir, allow_config_change=allow_config_change)
   elapsed = time.perf_counter() - started
   timings.record(name, elapsed)
   _log(f"{name}: trained in {elapsed:.0f} s")
@@ -211,12 +210,36 @@ def _check(config: ml_collections.ConfigDict) -> None:
     raise StudyError(f"students: the arms must train the same network, got {sorted(networks)}")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
-  """Runs (or resumes) every stage; returns {'<label> <protocol> <features> top1': value}."""
+def _check_rerun(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
+                 allow_config_change: bool) -> dict[str, Any] | None:
+  """The changes against the study's record in `workdir` (None: its first start); a changed
+  training-relevant value is refused unless allowed, since finished stages are not rerun."""
+  from retro_jax.train import run_record  # pylint: disable=g-import-not-at-top
+  recorded = run_record.recorded_config(workdir)
+  if recorded is None:
+    return None
+  changes = run_record.differences(recorded, run_record.flatten(config))
+  run_record.check_changes(changes, allow=allow_config_change,
+                           against=f"the study's record in {workdir} (its finished stages are "
+                           "not trained again)")
+  return changes
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+        allow_config_change: bool = False) -> dict[str, float]:
+  """Runs (or resumes) every stage; returns {'<label> <protocol> <features> top1': value}.
+
+  A rerun whose config differs from the study's record (WORKDIR/config.json and
+  config_changes.jsonl, retro_jax/train/run_record.py) in a training-relevant value is
+  refused unless `allow_config_change`; the change is then recorded, and every stage resumes
+  or trains with it (finished stages are kept as they are).
+  """
   from retro_jax import study_report  # pylint: disable=g-import-not-at-top
+  from retro_jax.train import run_record  # pylint: disable=g-import-not-at-top
   started = time.perf_counter()
   _check(config)
   workdir = pathlib.Path(workdir).absolute()
+  changes = _check_rerun(config, workdir, allow_config_change=allow_config_change)
   workdir.mkdir(parents=True, exist_ok=True)
   timings = Timings(workdir)
   stages = {TEACHER: TEACHER}
@@ -224,9 +247,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   (workdir / STAGES_JSON).write_text(json.dumps({"final": config.final, "stages": stages},
                                                 indent=2) + "\n")
   _prepare_data(config)
+  if changes is None:  # every check has passed: the study's record
+    run_record.write_first(workdir, config)
+  else:
+    run_record.append_changes(workdir, changes, step=None)
 
   teacher_stage = _stage_config(config.teacher, config, seed=config.seed, teacher=None)
-  teacher = train_stage(teacher_stage, TEACHER, workdir / TEACHER, timings)
+  teacher = train_stage(teacher_stage, TEACHER, workdir / TEACHER, timings,
+                        allow_config_change=allow_config_change)
   models = {TEACHER: teacher}
   runs = {TEACHER: workdir / TEACHER}
   for arm, stage in config.students.items():
@@ -234,7 +262,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
       label = student_dir(arm, seed)
       stage_config = _stage_config(stage, config, seed=seed,
                                    teacher=None if stage.method == "mocov2" else teacher)
-      models[label] = train_stage(stage_config, label, workdir / label, timings)
+      models[label] = train_stage(stage_config, label, workdir / label, timings,
+                                  allow_config_change=allow_config_change)
       runs[label] = workdir / label
   # The untrained networks: the teacher's (its seed) and the students' (every seed).
   if config.untrained_teacher:

@@ -51,6 +51,7 @@ from retro_jax.models.encoder import Encoder
 from retro_jax.models.encoder import EncoderSpec
 from retro_jax.train import mesh as mesh_lib
 from retro_jax.train import optim
+from retro_jax.train import run_record
 from retro_jax.train.progress import Progress
 from retro_jax.user_errors import UserError
 
@@ -166,8 +167,13 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[
   return result
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
-  """Fine-tunes (or resumes); returns the final metrics with test top-1 / top-5 (percent)."""
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+        allow_config_change: bool = False) -> dict[str, float]:
+  """Fine-tunes (or resumes); returns the final metrics with test top-1 / top-5 (percent).
+
+  A resume with a changed training-relevant config is refused unless `allow_config_change`
+  (retro_jax/train/run_record.py).
+  """
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   _check_init_checkpoint(config)
@@ -221,15 +227,23 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
               "freeze_backbone": frozen, "features": config.features}
   checkpoints = checkpoint.TrainCheckpoints(workdir, every_steps=config.checkpoint_every_steps,
                                             keep=config.keep_checkpoints)
-  start_step = 0
-  if checkpoints.latest_step() is not None:
-    record = checkpoints.read_record()
+  resume_record = run_record.ResumeRecord(config, allow_change=allow_config_change)
+
+  def check_resume(step: int, record: dict[str, Any]) -> None:
     if record.get("run") != identity:
-      raise FinetuneError(f"the checkpoint in {checkpoints.directory} belongs to another run "
-                          f"({record.get('run')}); this one is {identity}: use a new workdir")
-    state, record = checkpoints.restore(state)  # into the fresh state's shapes and shardings
+      raise FinetuneError(f"checkpoint {checkpoints.directory / str(step)} belongs to another "
+                          f"run ({record.get('run')}); this one is {identity}: use a new workdir")
+    resume_record.check(step, record)
+
+  start_step = 0
+  resumed = checkpoints.restore_newest(state, check_resume)  # the fresh state's shapes
+  if resumed is not None:
+    state, record = resumed
     start_step = int(record["step"])
     print(f"resuming from step {start_step} ({checkpoints.directory})", flush=True)
+  if jax.process_index() == 0:  # every check has passed: the run's record
+    resume_record.write(workdir, start_step)
+  config_record = run_record.checkpoint_fields(config)
 
   batch_sharding = mesh_lib.batch_sharding(mesh)
   seed = config.seed
@@ -275,7 +289,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
           print(f"first step (compile + run): {time.perf_counter() - started:.1f} s",
                 flush=True)
         progress.update(step + 1, metrics, skipped=batches.skipped_count)
-        checkpoints.save(step + 1, state, {"step": step + 1, "run": identity},
+        checkpoints.save(step + 1, state, {"step": step + 1, "run": identity, **config_record},
                          force=step + 1 == total_steps)
     finally:
       checkpoints.close()

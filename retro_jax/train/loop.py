@@ -33,9 +33,13 @@ from retro_jax.objectives import rob_dino
 from retro_jax.objectives import rob_msn
 from retro_jax.train import mesh as mesh_lib
 from retro_jax.train import optim
+from retro_jax.train import preflight
+from retro_jax.train import run_record
 from retro_jax.train import step as step_lib
 from retro_jax.train import teacher as teacher_lib
 from retro_jax.train.contrastive_methods import ContrastiveMethod
+from retro_jax.train.finite_guard import FiniteGuard
+from retro_jax.train.finite_guard import NonFiniteError
 from retro_jax.train.multicrop_methods import METHODS as MULTICROP_METHODS
 from retro_jax.train.multicrop_methods import MultiCropMethod
 from retro_jax.train.monitor import KnnMonitor
@@ -162,8 +166,14 @@ def build_engine(config: ml_collections.ConfigDict, objective, augmentation: Aug
   return Engine(method, graphdef, state, teacher_state, teacher_identity, schedules, step_fn)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Runs (or resumes) the training the config describes; returns the final metrics."""
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+          allow_config_change: bool = False) -> dict[str, Any]:
+  """Runs (or resumes) the training the config describes; returns the final metrics.
+
+  A resume is refused when the teacher or a training-relevant config value differs from the
+  checkpoint's (`run_record`), unless `allow_config_change` (the config only). The run's record
+  (config.json, config_changes.jsonl) is written once every check has passed.
+  """
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
 
@@ -184,6 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                       f"global batch of {global_batch}")
   steps_per_epoch = source.num_examples // global_batch
   total_steps = _steps(config, steps_per_epoch)
+  preflight.check(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   engine = build_engine(config, objective, augmentation, mesh,
                         steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   method, graphdef, state = engine.method, engine.graphdef, engine.state
@@ -195,14 +206,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
   checkpoints = checkpoint.TrainCheckpoints(workdir, every_steps=config.checkpoint_every_steps,
                                             keep=config.keep_checkpoints)
+  resume_record = run_record.ResumeRecord(config, allow_change=allow_config_change)
+
+  def check_resume(step: int, record: dict[str, Any]) -> None:
+    """Refuses a checkpoint of another teacher or config before any of its arrays is read."""
+    _check_teacher(record.get("teacher"), teacher_identity, checkpoints.directory / str(step))
+    resume_record.check(step, record)
+
   start_step = 0
-  if checkpoints.latest_step() is not None:
-    record = checkpoints.read_record()
-    if record.get("teacher") != teacher_identity:
-      raise ConfigError(f"the checkpoint in {checkpoints.directory} was trained with teacher "
-                        f"{record.get('teacher')}, this run has {teacher_identity}; use a new "
-                        "workdir or the original teacher")
-    state, record = checkpoints.restore(state)  # into the fresh state's shapes and shardings
+  resumed = checkpoints.restore_newest(state, check_resume)  # the fresh state's shapes
+  if resumed is not None:
+    state, record = resumed
     start_step = int(record["step"])
     print(f"resuming from step {start_step} ({checkpoints.directory})", flush=True)
 
@@ -218,9 +232,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   if config.get("monitor") and config.monitor.every_steps > 0:
     monitor = KnnMonitor(config.monitor, config.data, method, graphdef,
                          mesh_lib.batch_sharding(mesh))
+  # Every check has passed: the run's record, then its logs.
+  if jax.process_index() == 0:
+    resume_record.write(workdir, start_step)
   progress = Progress(workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                       global_batch=global_batch, every=config.log_every_steps,
                       schedules=engine.schedules)
+  guard = FiniteGuard(engine.schedules, checkpoints.latest_step, start_step=start_step)
+  config_record = run_record.checkpoint_fields(config)
   metrics: dict[str, Any] = {}
   try:
     for step in range(start_step, total_steps):
@@ -230,12 +249,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       if step == start_step:
         jax.block_until_ready(metrics)
         print(f"first step (compile + run): {time.perf_counter() - started:.1f} s", flush=True)
-      if monitor is not None and monitor.due(step + 1, total_steps):
+      done = step + 1
+      save = checkpoints.due(done, force=done == total_steps)
+      # Metrics leave the device only at log and checkpoint steps; NaN/inf stop the run there,
+      # and a state is checked before it is saved (retro_jax/train/finite_guard.py).
+      if save or progress.due(done):
+        metrics = jax.device_get(metrics)
+        try:
+          guard.check_metrics(done, metrics)
+          if save:
+            guard.check_state(done, state, metrics)
+        except NonFiniteError:
+          progress.update(done, metrics, skipped=batches.skipped_count)  # in the log too
+          raise
+      if monitor is not None and monitor.due(done, total_steps):
         metrics = dict(metrics, **monitor.evaluate(state))
-      progress.update(step + 1, metrics, skipped=batches.skipped_count)
-      record = {"step": step + 1, "teacher": teacher_identity,
-                "data": {"epoch": (step + 1) // steps_per_epoch, "skipped": batches.skipped}}
-      checkpoints.save(step + 1, state, record, force=step + 1 == total_steps)
+      progress.update(done, metrics, skipped=batches.skipped_count)
+      record = {"step": done, "teacher": teacher_identity, **config_record,
+                "data": {"epoch": done // steps_per_epoch, "skipped": batches.skipped}}
+      checkpoints.save(done, state, record, force=done == total_steps)
   finally:
     checkpoints.close()
     progress.close()
@@ -247,6 +279,26 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     except report.ReportError as error:
       print(f"report: not written: {error}", flush=True)
   return {k: float(v) for k, v in metrics.items()}
+
+
+def _check_teacher(recorded: Any, identity: dict[str, Any], where: pathlib.Path) -> None:
+  """Refuses to resume checkpoint `where` with a teacher other than the one it was trained with."""
+  if isinstance(recorded, dict) and "content_sha256" not in recorded and (
+      "content_sha256" in identity):
+    identity = {k: v for k, v in identity.items() if k != "content_sha256"}
+    print(f"teacher: checkpoint {where} predates teacher content hashes: the teacher's "
+          "directory is checked by path, not by content", flush=True)
+  if recorded == identity:
+    return
+  if (isinstance(recorded, dict) and recorded.get("checkpoint") == identity.get("checkpoint")
+      and recorded.get("content_sha256") != identity.get("content_sha256")):
+    raise ConfigError(
+        f"the teacher directory {identity['checkpoint']} changed since checkpoint {where} was "
+        f"written (content SHA-256 {str(recorded.get('content_sha256'))[:12]}... then, "
+        f"{str(identity.get('content_sha256'))[:12]}... now): restore the teacher it was "
+        "trained with, or start a new run in a new --workdir")
+  raise ConfigError(f"checkpoint {where} was trained with teacher {recorded}, this run has "
+                    f"{identity}; use a new workdir or the original teacher")
 
 
 def _save_student(workdir: pathlib.Path, method: ContrastiveMethod | MultiCropMethod, graphdef,

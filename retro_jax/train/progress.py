@@ -42,9 +42,13 @@ class Progress:
     self._last_time = None
     self._last_step = None
 
+  def due(self, step: int) -> bool:
+    """Whether finished step `step` is logged (every `every` steps and the last one)."""
+    return not step % self.every or step == self.total_steps
+
   def update(self, step: int, metrics: dict[str, jax.Array], *, skipped: int = 0) -> None:
     """Records the metrics of the step that just finished (`step` counts finished steps)."""
-    if not self.active or (step % self.every and step != self.total_steps):
+    if not self.active or not self.due(step):
       return
     values = {name: float(value) for name, value in jax.device_get(metrics).items()}
     now = time.perf_counter()

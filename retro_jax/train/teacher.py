@@ -1,8 +1,9 @@
 """The frozen teacher of a distillation run: loading, precision, batch-norm mode, forward.
 
 `load_teacher(config)` returns the teacher as an NNX module and what identifies it (its
-directory and SHA-256, recorded in every checkpoint and checked on resume). Two settings
-change how it runs inside the train step:
+directory, the SHA-256 of the file it was converted from and the SHA-256 of the directory's
+content, `checkpoint.content_digest`), recorded in every checkpoint and checked on resume.
+Two settings change how it runs inside the train step:
 
   teacher.dtype    'float32' (default) or 'bfloat16': the weights are stored and the forward
                    runs in that precision (half the memory and, on accelerators, about twice
@@ -91,6 +92,8 @@ def load_teacher(config: ml_collections.ConfigDict, *, needs_teacher: bool
     source = description.get("source", {})
     identity = {"checkpoint": str(pathlib.Path(teacher_config.checkpoint).absolute()),
                 "sha256": source.get("sha256") if isinstance(source, dict) else None,
+                # The directory's content: rewritten in place, it is another teacher.
+                "content_sha256": checkpoint.content_digest(teacher_config.checkpoint),
                 "architecture": description["encoder"]["architecture"],
                 "input": teacher_input.to_json()}
   elif teacher_config.get("random_spec"):
