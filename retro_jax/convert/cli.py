@@ -95,11 +95,12 @@ def _torch_load_reason(error: Exception) -> tuple[str, str]:
 def guess_architecture(backbone_state: dict[str, Any], near: str) -> str | None:
   """A registered backbone whose torch keys and shapes equal the file's exactly, if any.
 
-  Architectures of the same family as `near` (the one asked for) are tried first, since
-  building each one's shapes costs a second or more.
+  `backbone_state` is the file's backbone as split for `near` (the --arch asked for): it may
+  still hold another family's classifier, which is left out of each candidate's comparison.
   """
   from retro_jax.convert.formats import classifier_prefixes  # pylint: disable=g-import-not-at-top
   from retro_jax.convert.formats import family  # pylint: disable=g-import-not-at-top
+  from retro_jax.convert.formats import has_family_keys  # pylint: disable=g-import-not-at-top
   from retro_jax.models import registry  # pylint: disable=g-import-not-at-top
 
   def wanted(name: str) -> dict[str, tuple[int, ...]]:
@@ -109,9 +110,12 @@ def guess_architecture(backbone_state: dict[str, Any], near: str) -> str | None:
             if not k.endswith("num_batches_tracked")
             and not k.startswith(classifier_prefixes(name))}
 
-  # Shorter names first within a family: resnet18 before resnet101, cheaper to build.
+  # Building each candidate's shapes costs a second or more: first the families whose layout
+  # has the file's kind of keys, the one asked for first, shorter names first within a family
+  # (resnet18 before resnet101, cheaper to build).
   names = sorted(registry.backbone_names(),
-                 key=lambda name: (family(name) != family(near), len(name), name))
+                 key=lambda name: (not has_family_keys(name, backbone_state),
+                                   family(name) != family(near), len(name), name))
   return next((name for name in names if _backbone_shapes(name) == wanted(name)), None)
 
 

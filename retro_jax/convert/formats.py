@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Mapping
 import dataclasses
+import re
 from typing import Any
 
 from retro_jax.convert import timm_layout
@@ -66,6 +67,19 @@ def _strip(state: dict[str, Any], prefix: str) -> dict[str, Any]:
   if state and all(k.startswith(prefix) for k in state):
     return {k[len(prefix):]: v for k, v in state.items()}
   return state
+
+
+# A key that only each family's reference layout has: which architectures a file may be.
+_FAMILY_KEYS = {"resnet": re.compile(r"layer1\."),
+                "efficientnet": re.compile(r"features\.\d+\.\d+\.block\."),
+                "mobilenet_v3": re.compile(r"features\.\d+\.block\."),
+                "vit": re.compile(r"blocks\.\d+\.")}
+
+
+def has_family_keys(arch: str, keys) -> bool:
+  """Whether any of `keys` is of the kind only `arch`'s family's layout has."""
+  pattern = _FAMILY_KEYS[family(arch)]
+  return any(pattern.match(key) for key in keys)
 
 
 def classifier_prefixes(arch: str) -> tuple[str, ...]:
