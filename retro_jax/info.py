@@ -14,6 +14,8 @@ import platform
 import sys
 from importlib import metadata
 
+from retro_jax import user_errors
+
 # Distribution names, in the order they matter to a run.
 _PACKAGES = ("retro_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
              "tensorflow-cpu", "tensorflow", "tensorflow-datasets", "ml-collections",
@@ -94,11 +96,13 @@ def _format(report: dict[str, object]) -> str:
   return "\n".join(lines)
 
 
+@user_errors.boundary
 def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.info") -> int:
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
   parser.add_argument("--json", action="store_true", help="print one JSON object instead")
   parser.add_argument("--models", action="store_true",
                       help="also list the registered backbones (feature width, parameters)")
+  user_errors.add_debug_flag(parser)
   args = parser.parse_args(argv)
   report = collect()
   if args.models:

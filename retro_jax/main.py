@@ -16,7 +16,8 @@ Several hosts: run the same command on every host with --coordinator_address=HOS
 reads its share of the data, and the batch is split over all devices of all processes.
 
 Exit status: 0 done, 1 the run cannot start or failed on its input (message on stderr),
-2 usage error.
+2 usage error. --debug (or RETRO_JAX_DEBUG=1) shows the traceback of an error instead of one
+line.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from retro_jax import output_paths
 from retro_jax import user_errors
 
 USAGE = ("usage: {prog} --config configs/NAME.py[:VARIANT] --workdir DIR "
-         "[--config.KEY=VALUE ...] [--allow_config_change]")
+         "[--config.KEY=VALUE ...] [--allow_config_change] [--debug]")
 
 
 def _flag_values(argv: list[str]) -> flags.FlagValues:

@@ -49,9 +49,8 @@ def _check_where(path: pathlib.Path, flag: str, directory: pathlib.Path) -> None
     where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
     raise OutputPathError(f"{flag} {path} {where}, not a directory; choose another path")
   if (why := _not_writable(existing)) is not None:
-    where = "" if existing == path else f": {existing}"
-    raise OutputPathError(f"{flag} {path} cannot be written{where} {why}; choose another "
-                          "path")
+    where = "" if existing == path else f" cannot be created: {existing}"
+    raise OutputPathError(f"{flag} {path}{where} {why}; choose another path")
 
 
 def check_directory(path: str | os.PathLike, flag: str) -> pathlib.Path:

@@ -19,10 +19,10 @@ class PreflightError(UserError, ValueError):
   """A config value that cannot work, named by its key."""
 
 
-def _positive_int(config: ml_collections.ConfigDict, key: str) -> None:
+def _positive_int(config: ml_collections.ConfigDict, key: str, what: str) -> None:
   value = config.get(key)
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise PreflightError(f"{key}: must be a positive integer (steps), got {value!r}")
+    raise PreflightError(f"{key}: must be a positive number of {what}, got {value!r}")
 
 
 def check(config: ml_collections.ConfigDict, *, steps_per_epoch: int, total_steps: int) -> None:
@@ -36,8 +36,9 @@ def check(config: ml_collections.ConfigDict, *, steps_per_epoch: int, total_step
               f"epochs={config.get('epochs')!r} ({steps_per_epoch} steps per epoch)")
     raise PreflightError(f"{length} gives {total_steps} training steps; set total_steps > 0 "
                          "(or epochs > 0 with total_steps 0)")
-  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
-    _positive_int(config, key)
+  for key, what in (("log_every_steps", "steps"), ("checkpoint_every_steps", "steps"),
+                    ("keep_checkpoints", "checkpoints")):
+    _positive_int(config, key, what)
   try:  # The whole optimizer, schedules included: pure Python, no model needed.
     optim.build_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch,
                           total_steps=total_steps, global_batch_size=config.global_batch_size)
