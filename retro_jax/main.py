@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.main") 
   try:
     _initialize_distributed(argv)
   except (ValueError, RuntimeError) as error:
-    print(f"{prog}: could not join the multi-process run: {error}", file=sys.stderr)
+    print(f"{prog}: error: could not join the multi-process run: {error}", file=sys.stderr)
     return 1
   usage = USAGE.format(prog=prog)
   if (missing := config_flag_errors.check_config_file(argv)) is not None:
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.main") 
   elif task == "pretrain":
     run = loop.train
   else:
-    print(f"{prog}: config.task must be 'pretrain', 'finetune' or 'study', got {task!r}",
+    print(f"{prog}: error: config.task must be 'pretrain', 'finetune' or 'study', got {task!r}",
           file=sys.stderr)
     return 1
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.main") 
     final = run(config, workdir, allow_config_change=values.allow_config_change)
   except (loop.ConfigError, DataSourceError, ModelDirectoryError, TrainCheckpointError,
           ValueError) as error:  # ValueError includes study.StudyError
-    print(f"{prog}: {error}", file=sys.stderr)
+    print(f"{prog}: error: {error}", file=sys.stderr)
     return 1
   print("final: " + json.dumps({k: round(v, 5) for k, v in final.items()}), flush=True)
   return 0
