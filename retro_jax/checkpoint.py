@@ -20,6 +20,7 @@ back before any array so a resume can refuse a changed teacher before spending c
 from __future__ import annotations
 
 import hashlib
+import gc
 import json
 import os
 import pathlib
@@ -125,10 +126,17 @@ def load_model(directory: str | pathlib.Path) -> tuple[Encoder, dict[str, Any]]:
   # Orbax raises a bare Exception around TensorStore's errors (a truncated or corrupted file:
   # OUT_OF_RANGE, DATA_LOSS, ...); whatever fails here is the directory's content.
   except Exception as error:  # pylint: disable=broad-except
+    reason = read_error_reason(error)
+  else:
+    reason = None
+  if reason is not None:
+    # Collects the abandoned reads' coroutines now (the exception that held them is gone),
+    # under the filter: pytest, for one, puts its own sys.unraisablehook back after a test.
+    gc.collect()
     raise ModelDirectoryError(
         f"could not restore the weights in {directory / STATE_DIR} (missing, truncated or "
-        f"corrupted files?): {read_error_reason(error)}. Convert or export the model again "
-        "into a new directory.") from None
+        f"corrupted files?): {reason}. Convert or export the model again into a new "
+        "directory.")
   nnx.update(model, restored)
   materialize_rng_state(model)
   model.eval()
