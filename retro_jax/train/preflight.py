@@ -3,7 +3,7 @@
 `loop.train` calls `check` as soon as it knows the run's length (the data source gives the
 steps per epoch), so a NaN learning rate, a negative step count, a zero checkpoint interval or
 a misspelt monitor split fails in a second, naming the config key, instead of after the teacher
-is loaded and the student is built (or, for the monitor, after the first steps).
+is loaded and the student is built.
 """
 
 from __future__ import annotations
