@@ -14,7 +14,10 @@ printf '\n== pytest %s\n' "$*"
 status=0
 workers="${RETRO_JAX_TEST_WORKERS:-2}"
 parallel=()
-[[ "$workers" != 0 ]] && parallel=(-n "$workers")
+# One test at a time per worker (--maxschedchunk=1): xdist's default hands each worker a
+# chunk of consecutive tests at the start, and with the slow tests sorted first
+# (tests/conftest.py) one worker got all of them while the other ran out of work.
+[[ "$workers" != 0 ]] && parallel=(-n "$workers" --maxschedchunk=1)
 "$venv/bin/python" -m pytest "${parallel[@]}" "$@" || status=$?
 if [[ "$status" == 5 ]]; then
   echo "test.sh: pytest collected no tests: that is a failure, not a pass" >&2

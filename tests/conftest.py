@@ -119,8 +119,9 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
   """Slow tests first (stable order otherwise).
 
-  With parallel workers (scripts/test.sh runs pytest-xdist) the long tests then start at once
-  and the short ones fill in around them, instead of one long test ending the run alone.
+  With parallel workers (scripts/test.sh runs pytest-xdist, handing out one test at a time)
+  the long tests are spread over the workers from the start and the short ones fill in
+  around them, instead of one long test ending the run alone.
   """
   del config
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
