@@ -58,7 +58,8 @@ class FiniteGuard:
     """Raises NonFiniteError if a metric (host values) of finished step `step` is not finite."""
     bad = sorted(name for name, value in metrics.items() if not math.isfinite(float(value)))
     if bad:
-      raise self._error(step, metrics, f"{', '.join(bad)} not finite")
+      raise self._error(step, metrics, f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} "
+                        "not finite")
     self._checked = step
 
   def check_state(self, step: int, state: Any, metrics: dict[str, Any]) -> None:
@@ -74,11 +75,11 @@ class FiniteGuard:
     rates = ", ".join(f"{name} {float(fn(step - 1)):.4g}"
                       for name, fn in sorted(self._schedules.items()))
     last = self._last_checkpoint()
-    kept = (f"the last good checkpoint is step {last}; resume from it with a lower "
-            "--config.optimizer.lr (or other changed values) and --allow_config_change, or "
-            "start over in a new --workdir" if last is not None else
-            "no checkpoint was written; start over with a lower --config.optimizer.lr (or "
-            "other changed values)")
-    return NonFiniteError(f"training diverged at step {step} ({what}; it happened in {since}, "
-                          f"after the last check): {terms}; {rates}. This state was not saved: "
-                          f"{kept}")
+    kept = ("no checkpoint was written" if last is None else
+            f"the last good checkpoint is step {last}: rerun with the changed values and "
+            "--allow_config_change to resume from it, or start over in a new --workdir")
+    return NonFiniteError(
+        f"training diverged at step {step}: {what} (it happened in {since}; metrics are "
+        f"checked at log and checkpoint steps). Step {step}: {terms}; {rates}. This state was "
+        f"not saved; {kept}. Usual causes: a learning rate too high for this model and batch "
+        "(--config.optimizer.lr), or a teacher or data with non-finite values")
