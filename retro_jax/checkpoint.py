@@ -9,12 +9,18 @@ an exported student) holds
                no RNG state, no optimiser).
 
 `load_model` rebuilds the module from the spec and restores the weights into it, so a model
-directory needs no pickled code and loads with one call.
+directory needs no pickled code and loads with one call; `content_digest` fingerprints its
+files (what identifies a teacher on resume).
 
 A training run keeps its own checkpoints (`TrainCheckpoints`): WORKDIR/checkpoints/STEP/ holds
 the whole training state (a pytree of arrays: student, adapter, EMA, optimiser, queue, step,
-RNG) and a JSON record (data position, teacher file and SHA-256, config hash) that is read
-back before any array so a resume can refuse a changed teacher before spending compute.
+RNG) and a JSON record: the step and data position, the teacher's identity (its directory,
+the SHA-256 of the file it was converted from, the SHA-256 of the directory's content), the
+resolved config and the SHA-256 of its training-relevant part (`config_hash`,
+retro_jax/train/run_record.py). The record is read back before any array, so a resume can
+refuse a changed teacher or config before spending compute. A resume takes the newest
+checkpoint that can be read; an unreadable one (truncated or corrupted files) is set aside in
+WORKDIR/checkpoints_corrupt/STEP with a message (`TrainCheckpoints.restore_newest`).
 """
 
 from __future__ import annotations

@@ -2,8 +2,11 @@
 
 `train(config, workdir)` is what `python -m retro_jax.main` calls. Every check that can fail
 on a user's input (batch sizes, queue length, teacher file, data) runs before anything is
-compiled; a run restarted with the same command continues from its last checkpoint as if it
-had never stopped (the data pipeline is addressed by step, the random key by step too).
+compiled; a run restarted with the same command continues from its last readable checkpoint
+as if it had never stopped (the data pipeline is addressed by step, the random key by step
+too), once the checkpoint's teacher and config match the run's (retro_jax/train/run_record.py).
+WORKDIR/config.json is written only after all of that has passed. A loss, gradient norm or
+state that stops being finite ends the run before it is saved (retro_jax/train/finite_guard.py).
 """
 
 from __future__ import annotations
