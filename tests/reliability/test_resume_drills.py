@@ -199,9 +199,9 @@ def test_diverging_run_stops_before_saving_a_non_finite_state(trained, tmp_path,
 
 def test_a_start_that_fails_its_checks_leaves_no_record(trained, tmp_path, capsys):
   workdir = tmp_path / "run"
-  # The monitor's split is opened after the model, the teacher and the checkpoints are set up.
-  args = run_args(workdir, trained.data_dir, trained.teacher, "--config.monitor.every_steps=2",
-                  "--config.monitor.test_split=validation")  # Fashion-MNIST has none
+  # Refused by the monitor, which is set up after the model, the teacher and the checkpoints.
+  args = run_args(workdir, trained.data_dir, trained.teacher, "--config.monitor.every_steps=2")
+  args[1] = f"{CONFIG}:training_view_monitor"
   assert main_lib.main(args) == 1
-  assert "validation" in capsys.readouterr().err
+  assert "monitor.augmentation: expected one (eval) view, got 2" in capsys.readouterr().err
   assert sorted(p.name for p in workdir.iterdir()) == []

@@ -16,11 +16,16 @@ TEACHER = dict(architecture="resnet18", backbone_kwargs={"low_res_stem": True, "
 
 
 def get_config(variant: str | None = None):
-  del variant
+  """The config; variant 'training_view_monitor' is a mistake found only once the model and
+  the checkpoints are set up: the k-NN monitor given the two-view training augmentation."""
   config = recipes.contrastive_config("retro", "resnet18", optimizer="retro",
                                       student_kwargs={"zero_init_residual": True,
                                                       "width": WIDTH})
   config = recipes.smoke(config)
   config.teacher.random_spec = TEACHER
+  if variant == "training_view_monitor":
+    config.monitor.augmentation = config.data.augmentation
+  elif variant is not None:
+    raise ValueError(f"unknown variant {variant!r}; expected training_view_monitor or none")
   config.lock()
   return config
