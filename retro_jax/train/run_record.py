@@ -46,7 +46,8 @@ EXEMPT_SUFFIXES = ("teacher.checkpoint",)
 
 
 class ConfigChangeError(UserError, ValueError):
-  """A resume whose training-relevant config differs from its checkpoint's."""
+  """A resume refused on the config: a training-relevant change, or a record that cannot be
+  read to compare with."""
 
 
 def config_text(config: ml_collections.ConfigDict) -> str:
@@ -149,11 +150,16 @@ def recorded_config(workdir: pathlib.Path) -> dict[str, Any] | None:
   path = pathlib.Path(workdir) / CONFIG_JSON
   if not path.is_file():
     return None
-  flat = flatten(json.loads(path.read_text()))
   changes = pathlib.Path(workdir) / CHANGES_JSONL
-  for line in changes.read_text().splitlines() if changes.is_file() else ():
-    for key, change in json.loads(line)["changes"].items():
-      flat[key] = change["to"]
+  try:
+    flat = flatten(json.loads(path.read_text(encoding="utf-8")))
+    for line in changes.read_text(encoding="utf-8").splitlines() if changes.is_file() else ():
+      for key, change in json.loads(line)["changes"].items():
+        flat[key] = change["to"]
+  except (ValueError, KeyError, TypeError, AttributeError) as error:  # not the JSON we wrote
+    raise ConfigChangeError(f"the run's record in {workdir} ({CONFIG_JSON}, {CHANGES_JSONL}) "
+                            f"cannot be read ({type(error).__name__}: {error}); restore it "
+                            "from a backup, or use a new --workdir") from None
   return flat
 
 

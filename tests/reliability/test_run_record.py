@@ -90,6 +90,14 @@ def test_first_start_then_resumes_make_one_record(config, workdir):
   assert run_record.recorded_config(workdir)["seed"] == 3
 
 
+def test_an_unreadable_record_is_one_clear_error(config, workdir):
+  run_record.write_first(workdir, config)
+  (workdir / run_record.CHANGES_JSONL).write_text('{"step": 4, "changes": {"a": {"from"\n')
+  with pytest.raises(run_record.ConfigChangeError, match=rf"the run's record in {workdir} "
+                     r"\(config.json, config_changes.jsonl\) cannot be read \(JSONDecodeError"):
+    run_record.recorded_config(workdir)
+
+
 def test_a_checkpoint_without_a_config_record_is_not_checked(config, workdir, capsys):
   assert run_record.changes_on_resume(config, {"step": 5}, allow=False, step=5) is None
   assert "checkpoint 5 records no config" in capsys.readouterr().out
