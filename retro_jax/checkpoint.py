@@ -329,6 +329,12 @@ class TrainCheckpoints:
     """Whether `save(step, ..., force=force)` would start a save."""
     return (force or not step % self.every_steps) and step not in self.all_steps()
 
+  def reached_preemption(self, step: int) -> bool:
+    """Whether the processes of a multi-process run agreed to save `step` after one of them got
+    SIGTERM (JAX's preemption sync point, asked at every step); always False in one process,
+    where retro_jax.train.stop_request handles the signals."""
+    return jax.process_count() > 1 and self._manager.reached_preemption(step)
+
   def save(self, step: int, state: Any, record: dict[str, Any], *, force: bool = False) -> bool:
     """Starts writing `state` (arrays only) and `record` (JSON-ready) as checkpoint `step`.
 

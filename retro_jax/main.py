@@ -132,8 +132,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.main") 
   from retro_jax.train import run_record  # pylint: disable=g-import-not-at-top
   print(f"config ({values['config'].config_filename}):\n{run_record.config_text(config)}",
         flush=True)
+  from retro_jax.train.stop_request import TrainingStopped  # pylint: disable=g-import-not-at-top
   try:
     final = run(config, workdir, allow_config_change=values.allow_config_change)
+  except TrainingStopped as stopped:  # SIGTERM (exit 0) or Ctrl-C (130), after a save
+    print(f"{prog}: {stopped}", file=sys.stderr, flush=True)
+    return stopped.exit_status
   except (loop.ConfigError, DataSourceError, ModelDirectoryError, TrainCheckpointError,
           ValueError) as error:  # ValueError includes study.StudyError
     print(f"{prog}: error: {error}", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import signal
 import time
 from typing import Any
 
@@ -42,6 +43,8 @@ from retro_jax.train import step as step_lib
 from retro_jax.train import teacher as teacher_lib
 from retro_jax.train.contrastive_methods import ContrastiveMethod
 from retro_jax.train.finite_guard import FiniteGuard
+from retro_jax.train.stop_request import StopRequest
+from retro_jax.train.stop_request import TrainingStopped
 from retro_jax.train.finite_guard import NonFiniteError
 from retro_jax.train.multicrop_methods import METHODS as MULTICROP_METHODS
 from retro_jax.train.multicrop_methods import MultiCropMethod
@@ -244,36 +247,43 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   guard = FiniteGuard(engine.schedules, checkpoints.latest_step, start_step=start_step)
   config_record = run_record.checkpoint_fields(config)
   metrics: dict[str, Any] = {}
-  try:
-    for step in range(start_step, total_steps):
-      batch = next(batches)
-      started = time.perf_counter()
-      state, metrics = step_fn(state, teacher_state, batch)
-      if step == start_step:
-        jax.block_until_ready(metrics)
-        print(f"first step (compile + run): {time.perf_counter() - started:.1f} s", flush=True)
-      done = step + 1
-      save = checkpoints.due(done, force=done == total_steps)
-      # Metrics leave the device only at log and checkpoint steps; NaN/inf stop the run there,
-      # and a state is checked before it is saved (retro_jax/train/finite_guard.py).
-      if save or progress.due(done):
-        metrics = jax.device_get(metrics)
-        try:
-          guard.check_metrics(done, metrics)
-          if save:
-            guard.check_state(done, state, metrics)
-        except NonFiniteError:
-          progress.update(done, metrics, skipped=batches.skipped_count)  # in the log too
-          raise
-      if monitor is not None and monitor.due(done, total_steps):
-        metrics = dict(metrics, **monitor.evaluate(state))
-      progress.update(done, metrics, skipped=batches.skipped_count)
-      record = {"step": done, "teacher": teacher_identity, **config_record,
-                "data": {"epoch": done // steps_per_epoch, "skipped": batches.skipped}}
-      checkpoints.save(done, state, record, force=done == total_steps)
-  finally:
-    checkpoints.close()
-    progress.close()
+  # SIGTERM / SIGINT: the step being trained is saved, then the run stops (stop_request.py).
+  with StopRequest() as stop:
+    try:
+      for step in range(start_step, total_steps):
+        batch = next(batches)
+        started = time.perf_counter()
+        state, metrics = step_fn(state, teacher_state, batch)
+        if step == start_step:
+          jax.block_until_ready(metrics)
+          print(f"first step (compile + run): {time.perf_counter() - started:.1f} s", flush=True)
+        done = step + 1
+        stopping = stop.requested or checkpoints.reached_preemption(done)
+        save = checkpoints.due(done, force=done == total_steps or stopping)
+        # Metrics leave the device only at log and checkpoint steps; NaN/inf stop the run there,
+        # and a state is checked before it is saved (retro_jax/train/finite_guard.py).
+        if save or progress.due(done):
+          metrics = jax.device_get(metrics)
+          try:
+            guard.check_metrics(done, metrics)
+            if save:
+              guard.check_state(done, state, metrics)
+          except NonFiniteError:
+            progress.update(done, metrics, skipped=batches.skipped_count)  # in the log too
+            raise
+        if monitor is not None and monitor.due(done, total_steps):
+          metrics = dict(metrics, **monitor.evaluate(state))
+        progress.update(done, metrics, skipped=batches.skipped_count)
+        record = {"step": done, "teacher": teacher_identity, **config_record,
+                  "data": {"epoch": done // steps_per_epoch, "skipped": batches.skipped}}
+        checkpoints.save(done, state, record, force=done == total_steps or stopping)
+        if stopping and done < total_steps:
+          checkpoints.wait()
+          raise TrainingStopped(stop.signum or signal.SIGTERM, done,
+                                str(checkpoints.directory / str(done)))
+    finally:
+      checkpoints.close()
+      progress.close()
 
   _save_student(workdir, method, graphdef, state, config)
   if jax.process_index() == 0:  # only process 0 logs metrics

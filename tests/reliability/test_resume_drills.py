@@ -12,68 +12,29 @@ step again, while its compile comes from the test run's XLA cache.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import pathlib
 import shutil
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from retro_jax import checkpoint
 from retro_jax import main as main_lib
-from retro_jax.data import presets
-from retro_jax.models.encoder import EncoderSpec
-from retro_jax.models.encoder import build_encoder
 from retro_jax.train import run_record
 
-import tiny_retro
+import drill_runs
 
 # Slow, all of them: the module's run takes ~45 s with a cold XLA cache on the 2-core CPU (the
 # step's compile is ~30 s of it), the drills ~25 s together. Marking only some would split the
 # module (slow tests run first) and train its run twice.
 pytestmark = pytest.mark.slow
 
-CONFIG = pathlib.Path(__file__).with_name("tiny_retro.py")
-# The config's random teacher, as a model directory (with the statistics the views have).
-TEACHER_SPEC = EncoderSpec.from_json(tiny_retro.TEACHER)
-
-
-def save_teacher(directory: pathlib.Path, seed: int, *, nan: bool = False) -> pathlib.Path:
-  model = build_encoder(TEACHER_SPEC, rngs=nnx.Rngs(seed))
-  if nan:  # a teacher converted from a diverged checkpoint
-    nnx.update(model, jax.tree.map(lambda x: jnp.full_like(x, jnp.nan),
-                                   nnx.state(model, nnx.Param)))
-  return checkpoint.save_model(
-      directory, model, TEACHER_SPEC,
-      {"input": {"mean": list(presets.IMAGENET_MEAN), "std": list(presets.IMAGENET_STD)}},
-      overwrite=True)
-
-
-def run_args(workdir, data_dir, teacher, *overrides) -> list[str]:
-  return ["--config", str(CONFIG), "--workdir", str(workdir),
-          f"--config.data.data_dir={data_dir}", f"--config.teacher.checkpoint={teacher}",
-          "--config.total_steps=2", "--config.checkpoint_every_steps=1",
-          "--config.monitor.every_steps=0", *overrides]
-
-
-def checksums(directory: pathlib.Path) -> dict[str, str]:
-  return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(directory.rglob("*")) if p.is_file()}
-
 
 def truncate_weights(step_dir: pathlib.Path) -> None:
   """Truncates the checkpoint's largest file (weights), as a copy cut short would."""
   largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
   largest.write_bytes(largest.read_bytes()[:1000])
-
-
-def student_weights(workdir: pathlib.Path):
-  model, _ = checkpoint.load_model(workdir / "student")
-  return jax.tree.leaves(nnx.state(model, (nnx.Param, nnx.BatchStat)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +44,7 @@ class Trained:
   data_dir: pathlib.Path
 
   def args(self, workdir=None, *overrides) -> list[str]:
-    return run_args(workdir or self.workdir, self.data_dir, self.teacher, *overrides)
+    return drill_runs.run_args(workdir or self.workdir, self.data_dir, self.teacher, *overrides)
 
   def copy(self, destination: pathlib.Path) -> pathlib.Path:
     shutil.copytree(self.workdir, destination)
@@ -93,7 +54,7 @@ class Trained:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, fashion_mnist_tfds) -> Trained:
   root = tmp_path_factory.mktemp("drills")
-  run = Trained(root / "run", save_teacher(root / "teacher", seed=1), fashion_mnist_tfds)
+  run = Trained(root / "run", drill_runs.save_teacher(root / "teacher", seed=1), fashion_mnist_tfds)
   assert main_lib.main(run.args()) == 0
   assert checkpoint.TrainCheckpoints(run.workdir, every_steps=1).all_steps() == [1, 2]
   return run
@@ -112,7 +73,7 @@ def test_first_start_records_its_config_and_the_config_hash(trained):
 def test_corrupted_newest_checkpoint_is_set_aside_and_the_run_resumes(trained, tmp_path, capsys):
   workdir = trained.copy(tmp_path / "run")
   truncate_weights(workdir / "checkpoints" / "2")
-  corrupted = checksums(workdir / "checkpoints" / "2")
+  corrupted = drill_runs.checksums(workdir / "checkpoints" / "2")
   # log_every_steps is exempt from the config check: accepted, and recorded.
   assert main_lib.main(trained.args(workdir, "--config.log_every_steps=2")) == 0
   captured = capsys.readouterr()
@@ -122,13 +83,14 @@ def test_corrupted_newest_checkpoint_is_set_aside_and_the_run_resumes(trained, t
   assert moved[0].endswith(f"moved to {workdir / 'checkpoints_corrupt' / '2'}; "
                            "resuming from step 1")
   assert "resuming from step 1" in captured.out and "Traceback" not in captured.err
-  assert checksums(workdir / "checkpoints_corrupt" / "2") == corrupted
+  assert drill_runs.checksums(workdir / "checkpoints_corrupt" / "2") == corrupted
   assert checkpoint.TrainCheckpoints(workdir, every_steps=1).all_steps() == [1, 2]
   (entry,) = [json.loads(line) for line in (workdir / run_record.CHANGES_JSONL).open()]
   assert entry["step"] == 1
   assert entry["changes"] == {"log_every_steps": {"from": 1, "to": 2}}
   # The resumed run ends where the uninterrupted one did.
-  for got, want in zip(student_weights(workdir), student_weights(trained.workdir)):
+  for got, want in zip(drill_runs.student_weights(workdir),
+                       drill_runs.student_weights(trained.workdir)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
 
 
@@ -136,22 +98,22 @@ def test_no_readable_checkpoint_says_how_to_start_again(trained, tmp_path, capsy
   workdir = trained.copy(tmp_path / "run")
   truncate_weights(workdir / "checkpoints" / "2")
   truncate_weights(workdir / "checkpoints" / "1")
-  before = checksums(workdir)
+  before = drill_runs.checksums(workdir)
   assert main_lib.main(trained.args(workdir)) == 1
   err = capsys.readouterr().err
   assert f"no checkpoint in {workdir / 'checkpoints'} can be restored (step 2: its arrays" in err
   assert "nothing was moved" in err and "new --workdir" in err and "Traceback" not in err
-  assert checksums(workdir) == before
+  assert drill_runs.checksums(workdir) == before
 
 
 def test_changed_learning_rate_is_refused_and_nothing_changes(trained, capsys):
-  before = checksums(trained.workdir)
+  before = drill_runs.checksums(trained.workdir)
   assert main_lib.main(trained.args(None, "--config.optimizer.lr=3.0")) == 1
   err = capsys.readouterr().err
   assert ("differs from the one checkpoint 2 was trained with in 1 training-relevant key: "
           "optimizer.lr: 0.03 -> 3.0") in err
   assert "--allow_config_change" in err and "Traceback" not in err
-  assert checksums(trained.workdir) == before
+  assert drill_runs.checksums(trained.workdir) == before
 
 
 def test_allowed_config_change_is_recorded_with_its_step(trained, tmp_path):
@@ -168,11 +130,12 @@ def test_allowed_config_change_is_recorded_with_its_step(trained, tmp_path):
 
 
 def test_teacher_rewritten_in_place_is_refused(trained, capsys):
-  before = checksums(trained.workdir)
+  before = drill_runs.checksums(trained.workdir)
   original = trained.teacher.with_name("teacher_original")
   shutil.copytree(trained.teacher, original)
   try:
-    save_teacher(trained.teacher, seed=2)  # same directory, same architecture, other weights
+    # The same directory and architecture, other weights.
+    drill_runs.save_teacher(trained.teacher, seed=2)
     assert main_lib.main(trained.args()) == 1
   finally:
     shutil.rmtree(trained.teacher)
@@ -181,14 +144,14 @@ def test_teacher_rewritten_in_place_is_refused(trained, capsys):
   assert (f"the teacher directory {trained.teacher} changed since checkpoint "
           f"{trained.workdir / 'checkpoints' / '2'} was written (content SHA-256") in err
   assert "Traceback" not in err
-  assert checksums(trained.workdir) == before
+  assert drill_runs.checksums(trained.workdir) == before
 
 
 def test_diverging_run_stops_before_saving_a_non_finite_state(trained, tmp_path, capsys):
   workdir = tmp_path / "run"
-  teacher = save_teacher(tmp_path / "nan_teacher", seed=1, nan=True)
+  teacher = drill_runs.save_teacher(tmp_path / "nan_teacher", seed=1, nan=True)
   # Step 1 is a checkpoint step but not a log step: the guard fetches and checks it anyway.
-  args = run_args(workdir, trained.data_dir, teacher, "--config.log_every_steps=2")
+  args = drill_runs.run_args(workdir, trained.data_dir, teacher, "--config.log_every_steps=2")
   assert main_lib.main(args) == 1
   err = capsys.readouterr().err
   assert "training diverged at step 1: " in err and ", loss, " in err and "are not finite" in err
@@ -200,8 +163,9 @@ def test_diverging_run_stops_before_saving_a_non_finite_state(trained, tmp_path,
 def test_a_start_that_fails_its_checks_leaves_no_record(trained, tmp_path, capsys):
   workdir = tmp_path / "run"
   # Refused by the monitor, which is set up after the model, the teacher and the checkpoints.
-  args = run_args(workdir, trained.data_dir, trained.teacher, "--config.monitor.every_steps=2")
-  args[1] = f"{CONFIG}:training_view_monitor"
+  args = drill_runs.run_args(workdir, trained.data_dir, trained.teacher,
+                             "--config.monitor.every_steps=2")
+  args[1] = f"{drill_runs.CONFIG}:training_view_monitor"
   assert main_lib.main(args) == 1
   assert "monitor.augmentation: expected one (eval) view, got 2" in capsys.readouterr().err
   assert sorted(p.name for p in workdir.iterdir()) == []
