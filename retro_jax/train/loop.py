@@ -247,8 +247,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   guard = FiniteGuard(engine.schedules, checkpoints.latest_step, start_step=start_step)
   config_record = run_record.checkpoint_fields(config)
   metrics: dict[str, Any] = {}
-  # SIGTERM / SIGINT: the step being trained is saved, then the run stops (stop_request.py).
-  with StopRequest() as stop:
+  # SIGTERM / SIGINT: the step being trained is saved, then the run stops (stop_request.py);
+  # several processes agree on the step through JAX's preemption sync point instead.
+  with StopRequest(install=jax.process_count() == 1) as stop:
     try:
       for step in range(start_step, total_steps):
         batch = next(batches)

@@ -47,10 +47,16 @@ class TrainingStopped(Exception):
 
 
 class StopRequest:
-  """A context that turns the first SIGTERM / SIGINT into `requested` (module docstring)."""
+  """A context that turns the first SIGTERM / SIGINT into `requested` (module docstring).
 
-  def __init__(self):
+  Args:
+    install: False installs nothing (a run of several processes, whose SIGTERM is JAX's
+      preemption notice and whose saves must be collective).
+  """
+
+  def __init__(self, *, install: bool = True):
     self.signum: int | None = None
+    self._install = install
     self._previous: dict[int, object] = {}
 
   @property
@@ -58,7 +64,7 @@ class StopRequest:
     return self.signum is not None
 
   def __enter__(self) -> StopRequest:
-    if threading.current_thread() is threading.main_thread():
+    if self._install and threading.current_thread() is threading.main_thread():
       for signum in SIGNALS:
         self._previous[signum] = signal.signal(signum, self._handle)
     return self
