@@ -6,7 +6,9 @@ Every command's `main(argv, prog)` is wrapped in `boundary`. What it does with a
   a model directory that is not one, ...) and OSError (a file that is missing, a directory,
   unreadable or on a read-only file system):
       `PROG: error: MESSAGE` on stderr, exit status 1 (2 for a `UsageError`).
-  SystemExit (argparse's usage errors, exit 2), KeyboardInterrupt:
+  KeyboardInterrupt (Ctrl-C where no training loop handles it):
+      `PROG: interrupted`, exit status 130.
+  SystemExit (argparse's usage errors, exit 2):
       passed on unchanged.
   Anything else is a bug, not the user's input: one line says so and asks for a report, then
       the exception propagates with its traceback (exit status 1).
@@ -26,6 +28,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 DEBUG_FLAG = "--debug"
+INTERRUPTED = 130  # a shell's status for a process ended by Ctrl-C (128 + SIGINT)
 DEBUG_ENV = "RETRO_JAX_DEBUG"
 DEBUG_HELP = (f"show the Python traceback of an error instead of one line (also: {DEBUG_ENV}=1 "
               "in the environment)")
@@ -86,7 +89,13 @@ def run(prog: str, argv: Sequence[str], body: Callable[[], int]) -> int:
     if debug_requested(argv):
       raise
     return report(prog, error)
-  except (SystemExit, KeyboardInterrupt):
+  except KeyboardInterrupt:
+    # Ctrl-C outside a training loop (which saves and stops by itself: train/stop_request.py).
+    if debug_requested(argv):
+      raise
+    print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+    return INTERRUPTED
+  except SystemExit:
     raise
   except Exception:
     print(f"{prog}: internal error: {BUG_REPORT}", file=sys.stderr, flush=True)

@@ -56,6 +56,17 @@ def test_a_bug_is_a_traceback_with_a_request_to_report_it(images, monkeypatch, c
   assert "python -m retro_jax info" in err
 
 
+def test_ctrl_c_outside_training_is_one_line_and_status_130(images, monkeypatch, capsys):
+  def interrupted(path):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(embed, "read_images", interrupted)
+  assert embed.main(_embed_argv(images)) == 130
+  assert capsys.readouterr().err == "python -m retro_jax.embed: interrupted\n"
+  with pytest.raises(KeyboardInterrupt):
+    embed.main(_embed_argv(images, "--debug"))
+
+
 def test_os_errors_name_the_file_without_errno():
   def body():
     raise PermissionError(13, "Permission denied", "/data/run/metrics.jsonl")
