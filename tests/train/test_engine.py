@@ -28,14 +28,20 @@ from retro_jax.train import progress as progress_lib
 from retro_jax.train import step as step_lib
 from retro_jax.train.contrastive_methods import ContrastiveMethod
 
-# The end-to-end tests use the ResNet-18 recipe: its step compiles several times faster than
-# EfficientNet-B0's on CPU. Every config trains two steps in test_every_config_....
+# The end-to-end tests use the ResNet-18 recipe (its step compiles several times faster than
+# EfficientNet-B0's on CPU), the runs that train at 1/8 of its width (NARROW_SMOKE). Every
+# config trains two steps in test_every_config_....
 CONFIG = str(pathlib.Path(__file__).parents[2] / "configs" / "resnet18.py")
 
 
-def smoke_args(workdir, data_dir, *overrides):
-  return ["--config", f"{CONFIG}:smoke", "--workdir", str(workdir),
-          f"--config.data.data_dir={data_dir}", *overrides]
+# The same :smoke run at 1/8 of ResNet-18's width (same graph, ~1/60 of the arithmetic), for
+# the tests that train several runs end to end.
+NARROW_SMOKE = str(pathlib.Path(__file__).parents[1] / "reliability" / "tiny_retro.py")
+
+
+def smoke_args(workdir, data_dir, *overrides, config=f"{CONFIG}:smoke"):
+  return ["--config", config, "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
+          *overrides]
 
 
 def final_student(workdir: pathlib.Path):
@@ -48,7 +54,7 @@ def test_smoke_config_trains_checkpoints_and_resumes_exactly(fashion_mnist_tfds,
                                                              capsys, monkeypatch):
   # An uninterrupted run of 4 steps.
   straight = tmp_path / "straight"
-  assert main_lib.main(smoke_args(straight, fashion_mnist_tfds)) == 0
+  assert main_lib.main(smoke_args(straight, fashion_mnist_tfds, config=NARROW_SMOKE)) == 0
   out = capsys.readouterr().out
   assert "step 4/4" in out and "first step (compile + run)" in out
   assert "parameters: trainable" in out
@@ -71,11 +77,11 @@ def test_smoke_config_trains_checkpoints_and_resumes_exactly(fashion_mnist_tfds,
     update(self, step, metrics, **kwargs)
 
   monkeypatch.setattr(progress_lib.Progress, "update", interrupt)
-  assert main_lib.main(smoke_args(killed, fashion_mnist_tfds)) == 130
+  assert main_lib.main(smoke_args(killed, fashion_mnist_tfds, config=NARROW_SMOKE)) == 130
   assert "interrupted" in capsys.readouterr().err
   monkeypatch.setattr(progress_lib.Progress, "update", update)
   assert not (killed / "student").exists()
-  assert main_lib.main(smoke_args(killed, fashion_mnist_tfds)) == 0
+  assert main_lib.main(smoke_args(killed, fashion_mnist_tfds, config=NARROW_SMOKE)) == 0
   assert "resuming from step 2" in capsys.readouterr().out
 
   want, description = final_student(straight)
