@@ -43,13 +43,13 @@ from retro_jax.train import step as step_lib
 from retro_jax.train import teacher as teacher_lib
 from retro_jax.train.contrastive_methods import ContrastiveMethod
 from retro_jax.train.finite_guard import FiniteGuard
-from retro_jax.train.stop_request import StopRequest
-from retro_jax.train.stop_request import TrainingStopped
 from retro_jax.train.finite_guard import NonFiniteError
 from retro_jax.train.multicrop_methods import METHODS as MULTICROP_METHODS
 from retro_jax.train.multicrop_methods import MultiCropMethod
 from retro_jax.train.monitor import KnnMonitor
 from retro_jax.train.progress import Progress
+from retro_jax.train.stop_request import StopRequest
+from retro_jax.train.stop_request import TrainingStopped
 from retro_jax.user_errors import UserError
 
 
