@@ -5,7 +5,9 @@
 
 Formats: `torchvision` and `timm` (plain state dicts of the registered architectures), `moco`
 (MoCo v1/v2 training checkpoints: the query encoder and its head), `dino` (DINO backbone-only
-files, or full training checkpoints: the EMA teacher and its head). The result is an Orbax
+files, or full training checkpoints: the EMA teacher and its head), `swav` (SwAV's released
+ResNets with their projection head and prototypes), `msn` (MSN ViTs with their projection
+head and prototypes, from MSN's released files or VISSL's checkpoints). The result is an Orbax
 checkpoint plus model.json (see `retro_jax.checkpoint`) that training configs name as the
 teacher. Conversion is all or nothing: any missing, unexpected or mis-shaped entry stops it
 with the list, and nothing is written.
@@ -110,12 +112,12 @@ def guess_architecture(backbone_state: dict[str, Any], near: str) -> str | None:
             if not k.endswith("num_batches_tracked")
             and not k.startswith(classifier_prefixes(name))}
 
-  # Building each candidate's shapes costs a second or more: first the families whose layout
-  # has the file's kind of keys, the one asked for first, shorter names first within a family
-  # (resnet18 before resnet101, cheaper to build).
-  names = sorted(registry.backbone_names(),
-                 key=lambda name: (not has_family_keys(name, backbone_state),
-                                   family(name) != family(near), len(name), name))
+  # Building each candidate's shapes costs a second or more (a ViT-L three): only families
+  # whose kind of keys the file has (no other can match it exactly), the one asked for first,
+  # shorter names first within a family (resnet18 before resnet101, cheaper to build).
+  names = sorted((name for name in registry.backbone_names()
+                  if has_family_keys(name, backbone_state)),
+                 key=lambda name: (family(name) != family(near), len(name), name))
   return next((name for name in names if _backbone_shapes(name) == wanted(name)), None)
 
 
@@ -190,7 +192,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.convert
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="\n\n".join(__doc__.split("\n\n")[1:]))
   parser.add_argument("--src", required=True, type=pathlib.Path, help="the PyTorch file")
-  parser.add_argument("--format", required=True, choices=("torchvision", "timm", "moco", "dino"))
+  parser.add_argument("--format", required=True,
+                      choices=("torchvision", "timm", "moco", "dino", "msn", "swav"))
   parser.add_argument("--arch", required=True, help="registered backbone name, e.g. resnet50")
   parser.add_argument("--out", required=True, type=pathlib.Path, help="model directory to write")
   parser.add_argument("--mean", type=_floats3, default=IMAGENET_MEAN,

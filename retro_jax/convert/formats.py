@@ -199,11 +199,153 @@ def split_dino(obj: Any, arch: str) -> SplitCheckpoint:
   return SplitCheckpoint(backbone, {}, head, "dino", kwargs, ignored)
 
 
+def split_swav(obj: Any, arch: str) -> SplitCheckpoint:
+  """SwAV's released ResNets (facebookresearch/swav `src/resnet50.py`, `hubconf.py`).
+
+  The released files (`swav_800ep_pretrain.pth.tar`, `swav_RN50w2_400ep_pretrain.pth.tar`,
+  ...) are bare state dicts of the DistributedDataParallel model, every key under `module.`
+  (main_swav.py's own checkpoints hold the same under 'state_dict'): the trunk in
+  torchvision's ResNet names (SwAV's `padding` + conv1 padding 2 is our padding 3), the
+  projection head `projection_head.0.*` Linear(2048, 2048), `.1.*` BatchNorm1d, `.3.*`
+  Linear(2048, 128), and `prototypes.weight` (3,000 x 128, no bias). SwAV's other head forms
+  (no hidden layer, several prototype sets) are refused, naming the key.
+  """
+  del arch
+  state = _strip(_plain_state_dict(obj, "SwAV"), "module.")
+  if "prototypes.weight" not in state:
+    several = sorted(k for k in state if k.startswith("prototypes.prototypes"))
+    raise CheckpointFormatError(
+        f"several prototype sets ({several[0]}, ...) are not supported; RoB's SwAV teachers "
+        "have one" if several else "no 'prototypes.weight' entry (a SwAV model trained "
+        f"with --nmb_prototypes > 0 has one); first keys: {sorted(state)[:8]}")
+  if "projection_head.0.weight" not in state:
+    found = "'projection_head.weight' (a single Linear)" if (
+        "projection_head.weight" in state) else "no 'projection_head.*' entries"
+    raise CheckpointFormatError(f"no 'projection_head.0.weight' entry: a SwAV head with a "
+                                f"hidden layer (--hidden_mlp > 0) is expected, the file has "
+                                f"{found}")
+  backbone, head = _split_backbone_head(
+      {k: v for k, v in state.items() if not k.startswith("prototypes.")}, "",
+      "projection_head.")
+  head = {f"projection_head.{k}": v for k, v in head.items()}
+  head["prototypes.weight"] = state["prototypes.weight"]
+  linears = sorted(k for k, v in head.items()
+                   if k.startswith("projection_head.") and len(v.shape) == 2)
+  if linears[-1] != "projection_head.3.weight":
+    raise CheckpointFormatError(f"expected SwAV's projection head Linear, BatchNorm1d, ReLU, "
+                                f"Linear (last weight 'projection_head.3.weight'); the file's "
+                                f"Linear weights are {linears}")
+  first, prototypes = head["projection_head.0.weight"], head["prototypes.weight"]
+  kwargs = {"in_features": int(first.shape[1]), "num_prototypes": int(prototypes.shape[0]),
+            "hidden_features": int(first.shape[0]), "out_features": int(prototypes.shape[1]),
+            "batch_norm": "projection_head.1.running_mean" in head}
+  return SplitCheckpoint(backbone, {}, head, "swav", kwargs)
+
+
+# RoB's MSN teacher head (VISSL `teacher/msn_vit_{b16,b4,l16,l7}.yaml`, `msn_head`
+# temperature): MSN's tau = 0.1 times its target sharpening T = 0.25. No MSN file records T.
+MSN_TEACHER_TEMPERATURE = 0.025
+
+
+def _msn_head_kwargs(head: dict[str, Any], where: str) -> dict[str, Any]:
+  for key in ("fc.fc1.weight", "fc.fc3.weight", "prototypes"):
+    if key not in head:
+      raise CheckpointFormatError(f"no {where}{key}' entry (the MSN projection head and "
+                                  f"prototypes); head entries: {sorted(head)[:12]}")
+  return {"in_features": int(head["fc.fc1.weight"].shape[1]),
+          "num_prototypes": int(head["prototypes"].shape[0]),
+          "hidden_features": int(head["fc.fc1.weight"].shape[0]),
+          "out_features": int(head["fc.fc3.weight"].shape[0]),
+          "batch_norm": "fc.bn1.weight" in head, "temperature": MSN_TEACHER_TEMPERATURE}
+
+
+def _split_msn_release(obj: Mapping[str, Any]) -> SplitCheckpoint:
+  """facebookresearch/msn's checkpoints (`src/msn_train.py`: `save_checkpoint`, `init_model`):
+
+    target_encoder  the EMA target network's state dict, saved from DistributedDataParallel:
+                    `module.` + src/deit.py's VisionTransformer keys (cls_token, pos_embed,
+                    patch_embed.proj.*, blocks.i.*, norm.*) + `module.fc.{fc1, bn1, fc2, bn2,
+                    fc3}.*`, the projection head `init_model` puts in the encoder's `fc`
+    prototypes      the (K, out) prototype matrix, K = 1,024
+    encoder, opt, epoch, loss, batch_size, world_size, lr, temperature: training state
+
+  The teacher is the target encoder and the prototypes: MSN computes its targets with them
+  (`msn_train.py`) and its linear evaluation reads `target_encoder` (`linear_eval.py`).
+  """
+  if "prototypes" not in obj:
+    raise CheckpointFormatError("no 'prototypes' entry (MSN's (K, D) prototype matrix, beside "
+                                f"'target_encoder'); the file holds {list(obj)[:10]}")
+  state = _strip(_plain_state_dict(obj["target_encoder"], "MSN 'target_encoder'"), "module.")
+  backbone, head = _split_backbone_head(state, "", "fc.")
+  head = {f"fc.{k}": v for k, v in head.items()}
+  head["prototypes"] = obj["prototypes"]
+  ignored = {key: "MSN training state; the teacher is the target encoder and its prototypes"
+             for key in obj if key not in ("target_encoder", "prototypes")}
+  kwargs = _msn_head_kwargs(head, "'target_encoder' 'module.")
+  return SplitCheckpoint(backbone, {}, head, "msn", kwargs, ignored)
+
+
+_VISSL_MODEL = ("classy_state_dict", "base_model", "model")
+
+
+def _split_vissl_msn(obj: Mapping[str, Any]) -> SplitCheckpoint:
+  """VISSL's checkpoints (vissl/models/base_ssl_model.py `get_classy_state`; read back by
+  vissl/utils/checkpoint.py `get_checkpoint_model_state_dict`, as RoB's teachers are):
+
+    classy_state_dict.base_model.model.trunk  the `vision_transformer` trunk's state dict,
+        vissl/models/trunks/vision_transformer.py: the timm layout (a feature-extraction
+        run's `base_model.` prefix is dropped, as VISSL does)
+    classy_state_dict.base_model.model.heads  the heads' nn.ModuleList: `0.` + `msn_head`'s
+        (vissl/models/heads/msn_head.py) fc.{fc1, bn1, fc2, bn2, fc3}.* and prototypes
+    the rest (base_model.meta, optimizer, phase and iteration counters): training state
+
+  FSDP-sharded checkpoints (flat parameters) do not load: consolidate them with VISSL first.
+  """
+  node: Any = obj
+  for depth, name in enumerate(_VISSL_MODEL):
+    if not isinstance(node, Mapping) or name not in node:
+      raise CheckpointFormatError(f"no '{'.'.join(_VISSL_MODEL[:depth + 1])}' entry (a VISSL "
+                                  f"checkpoint holds {'.'.join(_VISSL_MODEL)}.trunk and .heads)")
+    node = node[name]
+  for part in ("trunk", "heads"):
+    if not _is_tensor_dict(node.get(part)):
+      raise CheckpointFormatError(f"no state dict at '{'.'.join(_VISSL_MODEL)}.{part}'")
+  trunk = {k.removeprefix("base_model."): v for k, v in node["trunk"].items()}
+  # Entries of any other head keep their prefix, so the strict loader names them.
+  head = {k.removeprefix("0."): v for k, v in node["heads"].items()}
+  classy = obj["classy_state_dict"]
+  ignored = {key: "VISSL training state" for key in obj if key != "classy_state_dict"}
+  ignored.update({f"classy_state_dict.{key}": "VISSL training state" for key in classy
+                  if key != "base_model"})
+  ignored.update({f"classy_state_dict.base_model.{key}": "VISSL model metadata"
+                  for key in classy["base_model"] if key != "model"})
+  kwargs = _msn_head_kwargs(head, f"'{'.'.join(_VISSL_MODEL)}.heads' '0.")
+  return SplitCheckpoint(trunk, {}, head, "msn", kwargs, ignored)
+
+
+def split_msn(obj: Any, arch: str) -> SplitCheckpoint:
+  """MSN teachers, the ViT with its projection head and prototypes, from MSN's released files
+  ('target_encoder' + 'prototypes') or VISSL's ('classy_state_dict'), told apart by those
+  top-level entries. The head becomes VISSL's `msn_head` at RoB's teacher temperature."""
+  if family(arch) != "vit":
+    raise CheckpointFormatError(f"MSN checkpoints hold Vision Transformers and --arch {arch} is "
+                                "not one (e.g. vit_large_patch16)")
+  if isinstance(obj, Mapping) and "target_encoder" in obj:
+    return _split_msn_release(obj)
+  if isinstance(obj, Mapping) and "classy_state_dict" in obj:
+    return _split_vissl_msn(obj)
+  entries = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+  raise CheckpointFormatError("no 'target_encoder' entry (facebookresearch/msn) nor "
+                              f"'classy_state_dict' (VISSL); the file holds {entries}")
+
+
 FORMATS: dict[str, Callable[[Any, str], SplitCheckpoint]] = {
     "torchvision": split_torchvision,
     "timm": split_timm,
     "moco": split_moco,
     "dino": split_dino,
+    "msn": split_msn,
+    "swav": split_swav,
 }
 
 # Pickled objects besides tensors that the formats above legitimately contain (DINO stores its

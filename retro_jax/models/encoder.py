@@ -42,6 +42,7 @@ HEADS: dict[str, type[nnx.Module]] = {
     "mlp": heads.MLPHead,
     "dino": heads.DINOHead,
     "msn": heads.MSNHead,
+    "swav": heads.SwAVHead,
     "adapter": PooledAdapter,
 }
 

@@ -1,4 +1,5 @@
-"""Projection heads in the torch layouts of the reference code: MoCo-v2/DisCo MLP, DINO, MSN.
+"""Projection heads in the torch layouts of the reference code: MoCo-v2/DisCo MLP, DINO, MSN,
+SwAV.
 
 Every head follows the naming contract of `retro_jax.models.registry`: its NNX attribute
 tree mirrors the torch module, so a checkpoint's head entries (with the prefix of the head
@@ -9,6 +10,8 @@ stripped) load with `retro_jax.convert.state_dict.load_state_dict`:
                                              last_layer.weight_v
   MSNHead (VISSL's `msn_head`)               fc.fc1.*, fc.bn1.*, fc.fc2.*, fc.bn2.*, fc.fc3.*,
                                              prototypes
+  SwAVHead (SwAV's projection + prototypes)  projection_head.0.*, .1.* BN, .3.*,
+                                             prototypes.weight
 
 Each head's `__call__` gives its training output (embedding, prototype logits, prototype
 probabilities) and `embed` the projection before any L2 normalisation. Initialisation
@@ -302,3 +305,49 @@ class MSNHead(nnx.Module):
       num_prototypes = supports.shape[0]
       probs = (1.0 - self.label_smoothing) * probs + self.label_smoothing / num_prototypes
     return probs
+
+
+class SwAVHead(nnx.Module):
+  """SwAV's projection head and prototypes (`src/resnet50.py` of facebookresearch/swav).
+
+  `projection_head` is SwAV's Sequential Linear(in, hidden), BatchNorm1d, ReLU, Linear(hidden,
+  out) (keys 0.*, 1.*, 3.*; VISSL's `swav_head` with `use_bn` builds the same), `prototypes`
+  its Linear(out, K) without bias. The output is the prototype scores of the L2-normalised
+  projection, normalize(z) . C^T, with the prototypes as stored: SwAV re-normalises them
+  before each training step, not in the forward, and RoB's frozen teacher uses them as they
+  are. The prototype product runs at full precision (the scores are divided by RoB-SwAV's
+  eps = 0.03 and the student's 0.1).
+  """
+
+  def __init__(self, in_features: int, num_prototypes: int = 3000, *,
+               hidden_features: int = 2048, out_features: int = 128, batch_norm: bool = True,
+               rngs: nnx.Rngs):
+    """Builds the head with torch's default Linear initialisation (SwAV and VISSL keep it).
+
+    Args:
+      in_features: backbone width (2048 for ResNet-50).
+      num_prototypes: K (3,000 for SwAV's released models).
+      hidden_features: width of the hidden layer (SwAV's `hidden_mlp`).
+      out_features: width of the projection the prototypes live in (`feat_dim`).
+      batch_norm: the BatchNorm1d after the hidden Linear.
+      rngs: initialisation randomness.
+    """
+    self.in_features, self.out_features = in_features, out_features
+    self.num_prototypes = num_prototypes
+    self.projection_head = MLPHead((in_features, hidden_features, out_features),
+                                   activation="relu", batch_norm=batch_norm, rngs=rngs)
+    self.prototypes = nnx.Linear(out_features, num_prototypes, use_bias=False,
+                                 kernel_init=_TORCH_LINEAR_INIT,
+                                 precision=jax.lax.Precision.HIGHEST, rngs=rngs)
+
+  def embed(self, x: jax.Array) -> jax.Array:
+    """The projection before L2 normalisation, (..., out)."""
+    return self.projection_head(x)
+
+  def prototype_matrix(self) -> jax.Array:
+    """The (K, out) prototypes, torch's `prototypes.weight`."""
+    return self.prototypes.kernel[...].T
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """(..., in) features -> (..., K) prototype scores."""
+    return self.prototypes(l2_normalize(self.embed(x)))
