@@ -38,8 +38,8 @@ def check_config_file(argv: Sequence[str]) -> str | None:
   where = "" if path.is_absolute() else f" (relative to {os.getcwd()})"
   what = "is a directory, not a config file" if path.is_dir() else "no such file"
   subject = "" if str(path) == value and not where else f" {path}{where}:"
-  return (f"--config {value}:{subject} {what}; name a config file such as "
-          "configs/quickstart.py")
+  return (f"--config {value}:{subject} {what}; name a config file, or one of the configs "
+          "the package ships by name (e.g. --config quickstart)")
 
 
 def _chain(error: BaseException) -> list[BaseException]:

@@ -1,4 +1,8 @@
-"""`python -m retro_jax.main --config configs/NAME.py[:VARIANT] --workdir DIR [--config.KEY=VALUE ...]`
+"""`python -m retro_jax.main --config NAME[:VARIANT] --workdir DIR [--config.KEY=VALUE ...]`
+
+NAME is one of the recipes in configs/ (shipped inside the package: `--config effb0:smoke`
+works after `pip install`, from any directory); a config file path (`configs/effb0.py`, or
+your own) works too. WORKDIR may be local or a cloud path (`gs://bucket/runs/x`).
 
 Trains (or resumes) the run a config file describes (`config.task`: 'pretrain', the default,
 'finetune', configs/finetune.py, or 'study', a teacher and students compared over seeds:
@@ -31,10 +35,11 @@ from absl import flags
 from ml_collections import config_flags
 
 from retro_jax import config_flag_errors
+from retro_jax import config_names
 from retro_jax import output_paths
 from retro_jax import user_errors
 
-USAGE = ("usage: {prog} --config configs/NAME.py[:VARIANT] --workdir DIR "
+USAGE = ("usage: {prog} --config NAME[:VARIANT] | PATH.py[:VARIANT] --workdir DIR "
          "[--config.KEY=VALUE ...] [--allow_config_change] [--debug]")
 
 
@@ -96,6 +101,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.main") 
     print(f"{prog}: error: could not join the multi-process run: {error}", file=sys.stderr)
     return 1
   usage = USAGE.format(prog=prog)
+  try:  # --config effb0:smoke -> .../configs/effb0.py:smoke
+    argv = config_names.resolve_argv(argv)
+  except user_errors.UsageError as error:
+    raise user_errors.UsageError(f"{error}\n{usage}") from None
   if (missing := config_flag_errors.check_config_file(argv)) is not None:
     raise user_errors.UsageError(f"{missing}\n{usage}")
   values = _flag_values([prog] + argv)

@@ -40,6 +40,13 @@ CASES = {
                             ["--config configs/resnet81.py", "no such file"]),
     "config_file_is_a_directory": (lambda r, d: _argv(r, d, config="configs"), 2,
                                    ["is a directory, not a config file"]),
+    "config_name_unknown": (lambda r, d: _argv(r, d, config="resnet81:smoke"), 2,
+                            ["--config resnet81:smoke: no config named 'resnet81'",
+                             "choose one of: ", "effb0, ", "resnet18, "]),
+    # A name loads configs/resnet18.py: its :smoke variant gets as far as the optimizer check.
+    "config_by_name": (lambda r, d: _argv(r, d, "--config.optimizer.lr=nan",
+                                          config="resnet18:smoke"), 1,
+                       ["optimizer.lr must be a finite number, got nan"]),
     "unknown_variant": (lambda r, d: _argv(r, d, config="configs/resnet18.py:smokey"), 2,
                         ["--config configs/resnet18.py:smokey: unknown variant 'smokey'",
                          "'smoke', 'reference', 'reference_smoke'"]),
