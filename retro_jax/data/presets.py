@@ -39,14 +39,15 @@ out of range with the key's path, e.g. "views[1].photometric.solarize.p: must be
 in [0, 1], got 1.5".
 
 Presets (the readings of the open points of the papers and their code are in each builder's
-docstring below: `_mocov2`, `_mocov2_lowres`, `_dino`, `_rob_dino`, `_msn`, `_eval`,
-`_eval_lowres`):
+docstring below: `_mocov2`, `_mocov2_lowres`, `_dino`, `_rob_dino`, `_msn`, `_rob_swav`,
+`_eval`, `_eval_lowres`):
   mocov2         MoCo-v2's `aug_plus` (Retro, DisCo): 2 identical views.
   mocov2_lowres  `mocov2` for 32 px datasets (Fashion-MNIST, CIFAR): no blur.
   dino           DINO's `DataAugmentationDINO`: 2 global + 8 local crops, bicubic.
   rob_dino       RoB-DINO's VISSL config (ViT-B teacher): 2 + 8 crops, DINO's blur and
                  solarisation, VISSL's colour distortion and bilinear crops.
   msn            MSN's `make_transforms` at RoB-MSN's strength 1.0: 2 + 10 crops.
+  rob_swav       RoB-SwAV's VISSL config (SwAV's multi-crop): 2 + 4 crops, strength 1.0.
   eval           Resize(256) + CenterCrop(224), ImageNet's protocol.
   eval_lowres    Resize(32) of the whole image (crop_fraction 1), for 28-32 px datasets.
 All normalise with ImageNet's mean and std (the teachers were trained with it). Grayscale
@@ -256,6 +257,24 @@ def _msn(global_size: int = 224, local_size: int = 96,
                      (0.5, 0.5, 0.5), (None, None, None))
 
 
+def _rob_swav(global_size: int = 224, local_size: int = 96,
+              global_scale: Sequence[float] = (0.14, 1.0),
+              local_scale: Sequence[float] = (0.05, 0.14),
+              num_local_crops: int = 4) -> ml_collections.ConfigDict:
+  """RoB-SwAV (rob.md §4.4: VISSL's `swav_distill_rn50_to_rn50_on_in1k_8nodes.yaml`).
+
+  SwAV's multi-crop as that config writes it: `ImgPilToMultiCrop` 2 x 224 at scale
+  (0.14, 1) and 4 x 96 at (0.05, 0.14) (torchvision's RandomResizedCrop: bilinear, default
+  ratio); flip 0.5; `ImgPilColorDistortion(strength=1.0)`: RandomApply(ColorJitter(0.8, 0.8,
+  0.8, 0.2), p=0.8) and RandomGrayscale(0.2); `ImgPilGaussianBlur(p=0.5, radius U[0.1, 2.0])`
+  on every view; no solarisation; ImageNet mean/std. `crops/eight_crops.yaml` is
+  `num_local_crops=6`, `two_crops.yaml` `num_local_crops=0`.
+  """
+  return _multi_crop(global_size, local_size, global_scale, local_scale, num_local_crops,
+                     "bilinear", _jitter(0.8, 0.8, 0.8, 0.8, 0.2), (0.5, 0.5, 0.5),
+                     (None, None, None))
+
+
 def _eval_view(size: int, crop_fraction: float,
                interpolation: str) -> ml_collections.ConfigDict:
   geometry = {"size": size, "crop_fraction": crop_fraction, "interpolation": interpolation,
@@ -290,6 +309,7 @@ _PRESETS: dict[str, Callable[..., ml_collections.ConfigDict]] = {
     "dino": _dino,
     "rob_dino": _rob_dino,
     "msn": _msn,
+    "rob_swav": _rob_swav,
     "eval": _eval,
     "eval_lowres": _eval_lowres,
 }
@@ -302,7 +322,7 @@ def preset(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   Args:
     name: one of `PRESETS`.
     **overrides: the preset's own parameters (see `preset_parameters`): mocov2 and
-      mocov2_lowres take size, scale; dino, rob_dino take global_size, local_size,
+      mocov2_lowres take size, scale; dino, rob_dino, rob_swav take global_size, local_size,
       global_scale, local_scale, num_local_crops; msn these and color_jitter_strength; eval and
       eval_lowres take size, crop_fraction, interpolation.
 

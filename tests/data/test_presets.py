@@ -229,6 +229,21 @@ def rob_dino_vissl(global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), num_local
           + [view(96, local_scale, 0.5, 0.0)] * num_local)
 
 
+def rob_swav_vissl(num_local=4):
+  """RoB-SwAV's VISSL transforms (`swav_distill_rn50_to_rn50_on_in1k_8nodes.yaml`):
+  ImgPilToMultiCrop 2 x 224 at (0.14, 1) and 4 x 96 at (0.05, 0.14), flip 0.5,
+  ImgPilColorDistortion(1.0) (ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8 + grayscale 0.2),
+  ImgPilGaussianBlur(p=0.5, radius U[0.1, 2.0]) (DINO's blur), ToTensor, Normalize."""
+  def view(size, scale):
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=scale), transforms.RandomHorizontalFlip(0.5),
+        transforms.RandomApply([transforms.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+        transforms.RandomGrayscale(p=0.2), DinoGaussianBlur(0.5), transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+  return [view(224, (0.14, 1.0))] * 2 + [view(96, (0.05, 0.14))] * num_local
+
+
 def eval_transform(interpolation=transforms.InterpolationMode.BILINEAR):
   """MoCo's / DisCo's main_lincls.py validation transform."""
   normalize = transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
@@ -338,6 +353,8 @@ REFERENCE_CASES = [
                                                                   0).views()),
     ("rob_dino", {}, rob_dino_vissl),
     ("msn", {}, msn_make_transforms),
+    ("rob_swav", {}, rob_swav_vissl),
+    ("rob_swav", {"num_local_crops": 6}, lambda: rob_swav_vissl(6)),
     ("msn", {"color_jitter_strength": 0.5},
      lambda: msn_make_transforms(color_jitter=0.5)),
     ("eval", {}, lambda: [eval_transform()]),
@@ -575,6 +592,7 @@ SMALL = {
     "dino": {"global_size": 32, "local_size": 16, "num_local_crops": 2},
     "rob_dino": {"global_size": 32, "local_size": 16, "num_local_crops": 2},
     "msn": {"global_size": 32, "local_size": 16, "num_local_crops": 2},
+    "rob_swav": {"global_size": 32, "local_size": 16, "num_local_crops": 2},
     "eval": {"size": 32},
     "eval_lowres": {},
 }
