@@ -1,4 +1,8 @@
-"""Vision Transformers ViT-Tiny/Small/Base with 16x16 patches in the timm / DINO layout.
+"""Vision Transformers ViT-Tiny/Small/Base/Large in the timm / DINO / MSN layout.
+
+Registered: ViT-Ti/16, ViT-S/16, ViT-B/16 and ViT-L/16 (timm's `vit_*_patch16_224`), and
+ViT-L/7 (MSN's `deit_large_p7`, facebookresearch/msn `src/deit.py`: ViT-L with 7x7 patches,
+a 32x32 grid at 224 px; timm has no such model).
 
 The attribute tree mirrors timm's `VisionTransformer` (and DINO's copy of it): `cls_token`
 (1, 1, D), `pos_embed` (1, 1 + N, D), `patch_embed.proj`, `blocks.i.{norm1, attn.qkv,
@@ -272,19 +276,42 @@ class VisionTransformer(nnx.Module):
     return BackboneOutput(feature_map=tokens, pooled=tokens[:, 0])
 
 
+# The registered architectures: timm's `vit_*_patch16_224` and MSN's `deit_large_p7`
+# (facebookresearch/msn `src/deit.py`). Tests build them with fewer blocks from this table.
+ARCHITECTURES: dict[str, dict[str, int]] = {
+    "vit_tiny_patch16": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16),
+    "vit_large_patch7": dict(embed_dim=1024, depth=24, num_heads=16, patch_size=7),
+}
+
+
 @register_backbone("vit_tiny_patch16")
 def vit_tiny_patch16(*, rngs: nnx.Rngs, **kwargs: Any) -> VisionTransformer:
   """ViT-Tiny/16: D=192, 12 blocks, 3 heads, 5.52 M parameters. `kwargs` go to the class."""
-  return VisionTransformer(embed_dim=192, depth=12, num_heads=3, rngs=rngs, **kwargs)
+  return VisionTransformer(**ARCHITECTURES["vit_tiny_patch16"], rngs=rngs, **kwargs)
 
 
 @register_backbone("vit_small_patch16")
 def vit_small_patch16(*, rngs: nnx.Rngs, **kwargs: Any) -> VisionTransformer:
   """ViT-Small/16: D=384, 12 blocks, 6 heads, 21.67 M parameters. `kwargs` go to the class."""
-  return VisionTransformer(embed_dim=384, depth=12, num_heads=6, rngs=rngs, **kwargs)
+  return VisionTransformer(**ARCHITECTURES["vit_small_patch16"], rngs=rngs, **kwargs)
 
 
 @register_backbone("vit_base_patch16")
 def vit_base_patch16(*, rngs: nnx.Rngs, **kwargs: Any) -> VisionTransformer:
   """ViT-Base/16: D=768, 12 blocks, 12 heads, 85.80 M parameters. `kwargs` go to the class."""
-  return VisionTransformer(embed_dim=768, depth=12, num_heads=12, rngs=rngs, **kwargs)
+  return VisionTransformer(**ARCHITECTURES["vit_base_patch16"], rngs=rngs, **kwargs)
+
+
+@register_backbone("vit_large_patch16")
+def vit_large_patch16(*, rngs: nnx.Rngs, **kwargs: Any) -> VisionTransformer:
+  """ViT-Large/16: D=1024, 24 blocks, 16 heads, 303.30 M parameters (MSN's `deit_large`)."""
+  return VisionTransformer(**ARCHITECTURES["vit_large_patch16"], rngs=rngs, **kwargs)
+
+
+@register_backbone("vit_large_patch7")
+def vit_large_patch7(*, rngs: nnx.Rngs, **kwargs: Any) -> VisionTransformer:
+  """ViT-Large/7: ViT-L/16 with 7x7 patches (MSN's `deit_large_p7`), 303.51 M parameters."""
+  return VisionTransformer(**ARCHITECTURES["vit_large_patch7"], rngs=rngs, **kwargs)

@@ -32,7 +32,8 @@ from torch_reference import relative_error
 
 TIMM_NAMES = {"vit_tiny_patch16": "vit_tiny_patch16_224",
               "vit_small_patch16": "vit_small_patch16_224",
-              "vit_base_patch16": "vit_base_patch16_224"}
+              "vit_base_patch16": "vit_base_patch16_224",
+              "vit_large_patch16": "vit_large_patch16_224"}
 
 
 def _timm_vit(name: str = "vit_small_patch16_224", **kwargs) -> torch.nn.Module:
@@ -133,6 +134,27 @@ def test_matches_timm_at_224(timm_vit_small, flax_vit_small):
   assert relative_error(out.pooled, expected[:, 0]) <= RTOL
 
 
+def _two_blocks(name: str) -> dict:
+  """The registered architecture `name` (the table its factory builds from) with 2 blocks."""
+  return {**vit.ARCHITECTURES[name], "depth": 2}
+
+
+def test_vit_large_matches_timm_with_two_of_its_blocks():
+  # ViT-L/16's width, heads, MLP and patches with two blocks, against timm's
+  # vit_large_patch16_224 built with two: the architecture's parity without 300 M parameters
+  # (the 24 blocks' depth: the parameter-count test below).
+  reference = _randomise(_timm_vit("vit_large_patch16_224", depth=2), seed=4)
+  model = nnx.eval_shape(lambda: vit.VisionTransformer(**_two_blocks("vit_large_patch16"),
+                                                       rngs=nnx.Rngs(0)))
+  load_state_dict(model, reference.state_dict())
+  model.eval()
+  images = random_images(224, seed=5)
+  expected = _torch_tokens(reference, images)
+  out = _forward(model, jnp.asarray(images))
+  assert out.feature_map.shape == (2, 197, 1024)
+  assert relative_error(out.feature_map, expected) <= RTOL
+
+
 def test_matches_timm_at_96_with_its_resampled_pos_embed(timm_vit_small, flax_vit_small):
   # timm's model built for 96 px, holding the 224 embedding resampled by timm's own function;
   # the Flax model keeps the 224 embedding and resamples it at run time.
@@ -188,12 +210,23 @@ def test_native_grid_is_not_resampled():
 
 
 @pytest.mark.parametrize("name,width", [("vit_tiny_patch16", 192), ("vit_small_patch16", 384),
-                                        ("vit_base_patch16", 768)])
+                                        ("vit_base_patch16", 768), ("vit_large_patch16", 1024),
+                                        ("vit_large_patch7", 1024)])
 def test_registered_with_timm_parameter_count_and_width(name, width):
   assert name in backbone_names()
+  # ViT-Ls are compared with 2 blocks (24 cost seconds to trace) and their depth on its own.
+  large = name.startswith("vit_large")
   with torch.device("meta"):  # shapes only: no time spent on a random init
-    expected = sum(p.numel() for p in _timm_vit(TIMM_NAMES[name]).parameters())
-  model = nnx.eval_shape(lambda: create_backbone(name, rngs=nnx.Rngs(0)))
+    # timm has no ViT-L/7: its ViT-L/16 with 7 px patches is MSN's deit_large_p7.
+    reference = (_timm_vit("vit_large_patch16_224", patch_size=7) if name == "vit_large_patch7"
+                 else _timm_vit(TIMM_NAMES[name]))
+    if large:
+      assert vit.ARCHITECTURES[name]["depth"] == len(reference.blocks) == 24
+      reference.blocks = reference.blocks[:2]
+    expected = sum(p.numel() for p in reference.parameters())
+  model = nnx.eval_shape(
+      lambda: vit.VisionTransformer(**_two_blocks(name), rngs=nnx.Rngs(0)) if large else
+      create_backbone(name, rngs=nnx.Rngs(0)))
   params = nnx.state(model, nnx.Param)
   assert sum(math.prod(x.shape) for x in jax.tree.leaves(params)) == expected
   assert model.feature_width == width
