@@ -15,6 +15,7 @@ devices, optimisers or checkpoints; batches are global arrays (sharded or not, s
   dino         DINO (centring, sharpening, temperature warm-up, cross-view pairs); centre
   rob_dino     RoB-DINO: frozen DINO teacher, same-view pairing     state: none
   rob_msn      RoB-MSN: frozen MSN teacher's prototype probabilities; state: none
+  rob_ibot     RoB-iBOT: frozen iBOT teacher's CLS and masked-patch targets; state: centres
   rob_swav     RoB-SwAV: Sinkhorn codes of a frozen SwAV teacher, swapped prediction; none
 """
 
@@ -24,6 +25,7 @@ from retro_jax.objectives import disco
 from retro_jax.objectives import mocov2
 from retro_jax.objectives import retro
 from retro_jax.objectives import rob_dino
+from retro_jax.objectives import rob_ibot
 from retro_jax.objectives import rob_msn
 from retro_jax.objectives import rob_swav
 
