@@ -29,4 +29,5 @@ from retro_jax.objectives import rob_ibot
 from retro_jax.objectives import rob_msn
 from retro_jax.objectives import rob_swav
 
-__all__ = ["contrastive", "dino", "disco", "mocov2", "retro", "rob_dino", "rob_msn", "rob_swav"]
+__all__ = ["contrastive", "dino", "disco", "mocov2", "retro", "rob_dino", "rob_ibot", "rob_msn",
+           "rob_swav"]
