@@ -6,12 +6,12 @@ functions of the step (the optax update count: 0 for the first update) for loggi
 
 Config keys (`config` is a dict or an ml_collections ConfigDict; unknown keys are errors):
 
-  name                 'sgd' | 'lars' | 'adamw'
+  name                 'sgd' | 'lars' | 'larc' | 'adamw'
   lr                   base learning rate per 256 images (> 0)
   lr_scaling           'linear' (peak = lr * global_batch_size / 256, the default) | 'none'
-  momentum, nesterov   sgd, lars (default 0.9, False)
+  momentum, nesterov   sgd, lars, larc (default 0.9, False)
   b1, b2, eps          adamw (default 0.9, 0.999, 1e-8: torch's)
-  trust_coefficient    lars (default 0.001)
+  trust_coefficient    lars, larc (default 0.001)
   weight_decay         default 0
   weight_decay_end     cosine weight-decay schedule weight_decay -> weight_decay_end (DINO)
   exclude_from_weight_decay
@@ -44,7 +44,12 @@ or a NumPy transcription of the reference code):
     mu = momentum * mu + d and p -= lr * mu. Reading: BYOL and SimCLR fold the lr into the
     momentum buffer instead (mu = m * mu + lr * d), identical at constant lr; we follow
     MoCo v3 to match torch SGD's momentum. VISSL's LARC (RoB-SwAV) differs again (trust
-    ratio eta * ||p|| / (||g|| + wd * ||p||), applied to every tensor) and is not offered.
+    ratio eta * ||p|| / (||g|| + wd * ||p||), applied to every tensor): that is 'larc'.
+  * larc: VISSL's `sgd` with `use_larc` (apex's LARC, clip False, eps 1e-8) around
+    torch.optim.SGD: for every tensor with ||p|| and ||g|| both non-zero,
+    d = (g + wd * p) * eta * ||p|| / (||g|| + wd * ||p|| + 1e-8), else d = g (no decay that
+    step); then torch SGD's momentum, p -= lr * mu. Tensors excluded from weight decay get
+    wd 0 but are still adapted (VISSL's parameter groups with weight_decay 0).
   * schedule 'cosine' is DINO's `utils.cosine_scheduler(base, min_lr, epochs, niter_per_ep,
     warmup_epochs, start_warmup_value)` indexed by step: a linear warm-up
     `np.linspace(start, peak, W)` (it reaches the peak on its last step), then
@@ -67,6 +72,9 @@ Which recipe uses what (`RECIPES`, `recipe_config(name)`):
   dino                    AdamW, lr 5e-4 linear scaling, warm-up 10 epochs, min_lr 1e-6, wd
                           cosine 0.04 -> 0.4 without bias/1-D tensors, clip 3.0 per tensor,
                           per step (DINO main_dino.py).
+  rob_swav                VISSL SGD + LARC (eta 0.001), momentum 0.9, lr 0.3 per 256 after 10
+                          warm-up epochs from 0.3, cosine to 0.0048, wd 1e-6 on every tensor,
+                          per step (RoB-SwAV's config).
   rob_dino, rob_msn       VISSL AdamW as in RoB's configs (values per epoch). VISSL evaluates
                           the cosine on whole-run progress after the warm-up; here it runs
                           over the post-warm-up steps as in DINO (a small deviation).
@@ -100,7 +108,7 @@ from retro_jax.train.freeze import freeze_early
 
 Schedule = Callable[[Any], jax.Array]
 
-OPTIMIZERS = ("sgd", "lars", "adamw")
+OPTIMIZERS = ("sgd", "lars", "larc", "adamw")
 SCHEDULES = ("cosine", "constant", "step")
 # torch.nn.utils.clip_grad_norm_ and DINO's clip_gradients both divide by norm + 1e-6.
 _CLIP_EPSILON = 1e-6
@@ -108,9 +116,13 @@ _CLIP_EPSILON = 1e-6
 _OPTIMIZER_KEYS = {
     "sgd": {"momentum": 0.9, "nesterov": False},
     "lars": {"momentum": 0.9, "nesterov": False, "trust_coefficient": 0.001},
+    "larc": {"momentum": 0.9, "nesterov": False, "trust_coefficient": 0.001},
     "adamw": {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
 }
-_DEFAULT_EXCLUDE = {"sgd": "none", "lars": "bias_and_norm", "adamw": "bias_and_norm"}
+_DEFAULT_EXCLUDE = {"sgd": "none", "lars": "bias_and_norm", "larc": "none",
+                    "adamw": "bias_and_norm"}
+# apex LARC's eps (VISSL's larc_config.eps in RoB-SwAV's config).
+_LARC_EPSILON = 1e-8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,13 +209,13 @@ def parse_optimizer_config(config: Mapping[str, Any] | Any) -> OptimizerConfig:
 
   _number("lr", cfg.lr, low=0.0, low_open=True)
   _choice("lr_scaling", cfg.lr_scaling, ("linear", "none"))
-  if name in ("sgd", "lars"):
+  if name in ("sgd", "lars", "larc"):
     _number("momentum", cfg.momentum, low=0.0, high=1.0, high_open=True)
     if not isinstance(cfg.nesterov, bool):
       raise ValueError(f"optimizer.nesterov must be True or False, got {cfg.nesterov!r}")
     if cfg.nesterov and cfg.momentum == 0:
       raise ValueError("optimizer.nesterov needs momentum > 0 (as torch.optim.SGD)")
-  if name == "lars":
+  if name in ("lars", "larc"):
     _number("trust_coefficient", cfg.trust_coefficient, low=0.0, low_open=True)
   if name == "adamw":
     _number("b1", cfg.b1, low=0.0, high=1.0, high_open=True)
@@ -405,6 +417,38 @@ def _mask_fn(exclude: str | tuple[str, ...]) -> Callable[[Any], Any] | None:
   return lambda params: weight_decay_mask(params, exclude)
 
 
+def scale_by_larc(weight_decay: Schedule, trust_coefficient: float,
+                  mask: Callable[[Any], Any] | None) -> optax.GradientTransformation:
+  """apex's LARC (clip False) as VISSL wraps torch SGD with it: weight decay and trust ratio.
+
+  Args:
+    weight_decay: the decay as a function of the update count.
+    trust_coefficient: eta.
+    mask: None (decay every tensor) or params -> tree of bools (the decayed tensors).
+  """
+
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params):
+    if params is None:
+      raise ValueError("LARC needs the parameters")
+    wd = weight_decay(state.count)
+    decayed = mask(params) if mask is not None else jax.tree.map(lambda _: True, params)
+
+    def one(g, p, is_decayed):
+      w = wd if is_decayed else 0.0
+      p_norm, g_norm = jnp.linalg.norm(p), jnp.linalg.norm(g)
+      rate = trust_coefficient * p_norm / (g_norm + w * p_norm + _LARC_EPSILON)
+      return jnp.where((p_norm > 0) & (g_norm > 0), (g + w * p) * rate, g)
+
+    new = jax.tree.map(one, updates, params, decayed)
+    return new, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init, update)
+
+
 def reject_frozen_params() -> optax.GradientTransformation:
   """A no-op whose `init` raises if the parameters hold a `FrozenParam` (nnx.State input)."""
 
@@ -491,6 +535,10 @@ def build_optimizer(config: Mapping[str, Any] | Any, *, steps_per_epoch: int, to
       decay = [optax.add_decayed_weights(wd_at, mask=mask)]
     if cfg.name == "adamw":
       parts = [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, eps_root=0.0), *decay]
+    elif cfg.name == "larc":
+      parts = [scale_by_larc(wd_at, cfg.trust_coefficient, mask)]
+      if cfg.momentum:
+        parts.append(optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov))
     else:
       parts = decay
       if cfg.name == "lars":
@@ -534,6 +582,12 @@ RECIPES: dict[str, dict[str, Any]] = {
                     warmup_start_lr=2e-4, min_lr=1e-5, weight_decay=0.04, weight_decay_end=0.4,
                     exclude_from_weight_decay="bias_and_norm", clip_grad_norm=1.0,
                     clip_grad_mode="global", schedule_unit="epoch"),
+    # RoB-SwAV (VISSL SGD + LARC): 0.3 x 4096 / 256 = 4.8 after 10 of 100 epochs of linear
+    # warm-up from 0.3, cosine to 0.0048 (VISSL scales it with the peak: 4.8 / 1000; absolute
+    # here, the written value at 4,096), per step; wd 1e-6 on every tensor (BN and biases too).
+    "rob_swav": dict(name="larc", lr=0.3, lr_scaling="linear", momentum=0.9,
+                     trust_coefficient=0.001, weight_decay=1e-6, exclude_from_weight_decay="none",
+                     warmup_epochs=10, warmup_start_lr=0.3, min_lr=0.0048),
     "linear_eval": dict(name="sgd", lr=3.0, lr_scaling="linear", momentum=0.9, weight_decay=0.0,
                         schedule="step", schedule_unit="epoch", gamma=0.5,
                         milestones=(5, 10, 15, 20, 25, 30, 35, 40, 45, 60, 80)),

@@ -83,6 +83,20 @@ def moco_v3_lars_step(params, grads, mus, lr, weight_decay, momentum, trust_coef
     params[name] = (p - np.float32(lr) * mus[name]).astype(np.float32)
 
 
+def apex_larc_sgd_step(params, grads, mus, lr, weight_decay, decayed, momentum, trust):
+  """apex.parallel.LARC.step (clip=False, eps 1e-8) then torch SGD's momentum step, in NumPy;
+  `decayed` names the tensors of the parameter group with weight decay (VISSL's groups)."""
+  for name, p in params.items():
+    wd = weight_decay if name in decayed else 0.0
+    d = grads[name]
+    param_norm, grad_norm = np.linalg.norm(p), np.linalg.norm(d)
+    if param_norm != 0 and grad_norm != 0:
+      adaptive_lr = trust * param_norm / (grad_norm + param_norm * wd + 1e-8)
+      d = (d + wd * p) * adaptive_lr
+    mus[name] = momentum * mus[name] + d
+    params[name] = (p - np.float32(lr) * mus[name]).astype(np.float32)
+
+
 # --- Helpers ------------------------------------------------------------------------------
 
 SHAPES = {"conv.kernel": (3, 3, 2, 4), "dense.kernel": (5, 4), "dense.bias": (4,),
@@ -228,6 +242,27 @@ def test_lars_matches_moco_v3():
   _assert_close(ours, ref)
   # The trust ratio moved the matrices by ~lr * 0.001 relative to their norm, the 1-D
   # tensors by plain momentum SGD: both must have changed.
+  for name in SHAPES:
+    assert not np.allclose(ours[name], params[name]), name
+
+
+@pytest.mark.parametrize("exclude", ["none", "bias_and_norm"])
+def test_larc_matches_apex_larc_around_torch_sgd(exclude):
+  spe, epochs = 2, 5
+  config = dict(name="larc", lr=0.6, lr_scaling="none", momentum=0.9, weight_decay=0.05,
+                warmup_epochs=1, warmup_start_lr=0.1, min_lr=0.01, trust_coefficient=0.001,
+                exclude_from_weight_decay=exclude)
+  tx, _ = optim.build_optimizer(config, steps_per_epoch=spe, total_steps=spe * epochs)
+  lrs = dino_cosine_scheduler(0.6, 0.01, epochs, spe, warmup_epochs=1, start_warmup_value=0.1)
+  params, grads = _problem(seed=3)
+  params["norm.bias"] = np.zeros_like(params["norm.bias"])  # ||p|| = 0: plain SGD, no decay
+  ours = _run_optax(tx, params, grads)
+  ref = {n: v.copy() for n, v in params.items()}
+  mus = {n: np.zeros_like(v) for n, v in params.items()}
+  decayed = set(SHAPES) if exclude == "none" else {"conv.kernel", "dense.kernel"}
+  for it, g in enumerate(grads):
+    apex_larc_sgd_step(ref, g, mus, lrs[it], 0.05, decayed, 0.9, 0.001)
+  _assert_close(ours, ref)
   for name in SHAPES:
     assert not np.allclose(ours[name], params[name]), name
 
@@ -408,7 +443,8 @@ def test_frozen_params_are_not_trained_and_rejected():
 
 
 @pytest.mark.parametrize("config,message", [
-    (dict(name="rmsprop", lr=0.1), "optimizer.name must be one of 'sgd', 'lars', 'adamw'"),
+    (dict(name="rmsprop", lr=0.1),
+     "optimizer.name must be one of 'sgd', 'lars', 'larc', 'adamw'"),
     (dict(name="sgd", lr=-0.1), "optimizer.lr must be > 0"),
     (dict(name="sgd", lr=0.1, learning_rate=0.1), "unknown optimizer config key.*'learning_rate'"),
     (dict(name="sgd"), "needs 'lr'"),
