@@ -7,10 +7,11 @@ Formats: `torchvision` and `timm` (plain state dicts of the registered architect
 (MoCo v1/v2 training checkpoints: the query encoder and its head), `dino` (DINO backbone-only
 files, or full training checkpoints: the EMA teacher and its head), `swav` (SwAV's released
 ResNets with their projection head and prototypes), `msn` (MSN ViTs with their projection
-head and prototypes, from MSN's released files or VISSL's checkpoints). The result is an Orbax
-checkpoint plus model.json (see `retro_jax.checkpoint`) that training configs name as the
-teacher. Conversion is all or nothing: any missing, unexpected or mis-shaped entry stops it
-with the list, and nothing is written.
+head and prototypes, from MSN's released files or VISSL's checkpoints), `ibot` (iBOT's full
+checkpoints: the EMA teacher ViT and its head, shared by CLS and patch tokens). The result is
+an Orbax checkpoint plus model.json (see `retro_jax.checkpoint`) that training configs name
+as the teacher. Conversion is all or nothing: any missing, unexpected or mis-shaped entry
+stops it with the list, and nothing is written.
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.convert
                                    epilog="\n\n".join(__doc__.split("\n\n")[1:]))
   parser.add_argument("--src", required=True, type=pathlib.Path, help="the PyTorch file")
   parser.add_argument("--format", required=True,
-                      choices=("torchvision", "timm", "moco", "dino", "msn", "swav"))
+                      choices=("torchvision", "timm", "moco", "dino", "msn", "swav",
+                               "ibot"))
   parser.add_argument("--arch", required=True, help="registered backbone name, e.g. resnet50")
   parser.add_argument("--out", required=True, type=pathlib.Path, help="model directory to write")
   parser.add_argument("--mean", type=_floats3, default=IMAGENET_MEAN,

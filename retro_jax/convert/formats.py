@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Mapping
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -339,6 +340,63 @@ def split_msn(obj: Any, arch: str) -> SplitCheckpoint:
                               f"'classy_state_dict' (VISSL); the file holds {entries}")
 
 
+def _vit_img_size(backbone: dict[str, Any]) -> dict[str, Any]:
+  """{'img_size': side} when the file's position embedding is for another grid than 224 px."""
+  if "pos_embed" not in backbone or "patch_embed.proj.weight" not in backbone:
+    return {}  # the strict loader names what is missing
+  grid = math.isqrt(int(backbone["pos_embed"].shape[1]) - 1)
+  side = grid * int(backbone["patch_embed.proj.weight"].shape[-1])
+  return {} if side == 224 else {"img_size": side}
+
+
+def split_ibot(obj: Any, arch: str) -> SplitCheckpoint:
+  """iBOT's full checkpoints (bytedance/ibot `main_ibot.py`, the "full ckpt" downloads).
+
+    teacher    the EMA teacher, `utils.MultiCropWrapper(backbone, iBOTHead)` (no `module.`:
+               a ViT teacher is not wrapped in DDP): `backbone.` + models/vision_transformer.py
+               (the timm layout: cls_token, pos_embed, patch_embed.proj, blocks.i.*, norm),
+               `head.` + models/head.py `iBOTHead`: mlp.{0, 2, 4}.* (GELU between, no norm by
+               default), last_layer.weight_{g, v} (weight-normed, 8,192 prototypes) and, with
+               `--shared_head_teacher` (default True), last_layer2.* holding the same tensors
+    student, optimizer, epoch, args, ibot_loss (the centres), fp16_scaler: training state
+
+  The head becomes a DINO head applied to every token (iBOTHead is DINO's with a second
+  last layer for the patches); a teacher whose patch prototypes differ from its class-token
+  prototypes is refused. The backbone-only downloads (`checkpoint_teacher.pth`) have no head:
+  convert them with --format timm.
+  """
+  if family(arch) != "vit":
+    raise CheckpointFormatError(f"iBOT checkpoints hold Vision Transformers and --arch {arch} "
+                                "is not one (e.g. vit_base_patch16)")
+  if not (isinstance(obj, Mapping) and "teacher" in obj):
+    entries = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+    raise CheckpointFormatError(
+        "no 'teacher' entry (iBOT's full checkpoint.pth holds 'teacher' with 'backbone.*' and "
+        f"'head.*'; a backbone-only file converts with --format timm); the file holds {entries}")
+  ignored = {key: "iBOT training state; the converter takes the EMA teacher and its head"
+             for key in obj if key != "teacher"}
+  state = _strip(_plain_state_dict(obj["teacher"], "iBOT teacher"), "module.")
+  backbone, head = _split_backbone_head(state, "backbone.", "head.")
+  if not head:
+    raise CheckpointFormatError("the iBOT teacher has no 'head.*' entries")
+  if "masked_embed" in backbone:  # only a student-built backbone has it
+    backbone.pop("masked_embed")
+    ignored["teacher.backbone.masked_embed"] = "iBOT's mask token; the teacher is never masked"
+  for leaf in ("weight_g", "weight_v"):
+    key = f"last_layer2.{leaf}"
+    if key in head:
+      shared = head.get(f"last_layer.{leaf}")
+      if shared is None or tuple(shared.shape) != tuple(head[key].shape) or not bool(
+          (shared == head[key]).all()):
+        raise CheckpointFormatError(
+            f"'teacher' 'head.{key}' differs from 'head.last_layer.{leaf}': a teacher head with "
+            "separate patch prototypes (--shared_head_teacher false) is not supported")
+      head.pop(key)
+      ignored[f"teacher.head.{key}"] = "the patch prototypes, shared with head.last_layer"
+  kwargs = _dino_head_kwargs(head, None)
+  return SplitCheckpoint(backbone, _vit_img_size(backbone), head, "dino", kwargs, ignored)
+
+
 FORMATS: dict[str, Callable[[Any, str], SplitCheckpoint]] = {
     "torchvision": split_torchvision,
     "timm": split_timm,
@@ -346,6 +404,7 @@ FORMATS: dict[str, Callable[[Any, str], SplitCheckpoint]] = {
     "dino": split_dino,
     "msn": split_msn,
     "swav": split_swav,
+    "ibot": split_ibot,
 }
 
 # Pickled objects besides tensors that the formats above legitimately contain (DINO stores its
