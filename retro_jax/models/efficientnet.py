@@ -238,11 +238,19 @@ SCALING: dict[str, tuple[float, float]] = {
 
 @register_backbone("efficientnet_b0")
 def efficientnet_b0(*, rngs: nnx.Rngs, **kwargs: Any) -> EfficientNet:
-  """EfficientNet-B0: 4.01 M parameters, 1280 features. `kwargs` go to `EfficientNet`."""
-  return EfficientNet(*SCALING["efficientnet_b0"], rngs=rngs, **kwargs)
+  """EfficientNet-B0: 4.01 M parameters, 1280 features. `kwargs` go to `EfficientNet`
+  (`width_mult` / `depth_mult` given there replace B0's scaling)."""
+  return _scaled("efficientnet_b0", rngs, kwargs)
 
 
 @register_backbone("efficientnet_b1")
 def efficientnet_b1(*, rngs: nnx.Rngs, **kwargs: Any) -> EfficientNet:
-  """EfficientNet-B1: 6.51 M parameters, 1280 features. `kwargs` go to `EfficientNet`."""
-  return EfficientNet(*SCALING["efficientnet_b1"], rngs=rngs, **kwargs)
+  """EfficientNet-B1: 6.51 M parameters, 1280 features. `kwargs` go to `EfficientNet`
+  (`width_mult` / `depth_mult` given there replace B1's scaling)."""
+  return _scaled("efficientnet_b1", rngs, kwargs)
+
+
+def _scaled(name: str, rngs: nnx.Rngs, kwargs: dict[str, Any]) -> EfficientNet:
+  width, depth = SCALING[name]
+  kwargs = {"width_mult": width, "depth_mult": depth, **kwargs}
+  return EfficientNet(rngs=rngs, **kwargs)
