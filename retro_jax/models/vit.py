@@ -251,15 +251,24 @@ class VisionTransformer(nnx.Module):
     ])
     self.norm = _layer_norm(embed_dim, dtype=dtype, rngs=rngs)
 
-  def embed_tokens(self, x: jax.Array) -> jax.Array:
-    """(B, H, W, C) images -> (B, 1 + h*w, D): class token, then patches, plus positions."""
+  def embed_tokens(self, x: jax.Array, mask: jax.Array | None = None,
+                   mask_token: jax.Array | None = None) -> jax.Array:
+    """(B, H, W, C) images -> (B, 1 + h*w, D): class token, then patches, plus positions.
+
+    With `mask` ((B, h*w) bool) the masked patch embeddings are replaced by `mask_token`
+    ((1, D)) before the positions are added: iBOT's `mask_model` (bytedance/ibot
+    models/vision_transformer.py) and VISSL's `IBOTMaskedModeling`.
+    """
     patches = self.patch_embed(x)
     batch, rows, cols, dim = patches.shape
     if rows == 0 or cols == 0:
       raise ValueError(f"input {x.shape} is smaller than one {self.patch_size}px patch")
     dtype = patches.dtype
+    patches = patches.reshape(batch, rows * cols, dim)
+    if mask is not None:
+      patches = jnp.where(mask[..., None], mask_token.astype(dtype), patches)
     cls = jnp.broadcast_to(self.cls_token[...].astype(dtype), (batch, 1, dim))
-    tokens = jnp.concatenate([cls, patches.reshape(batch, rows * cols, dim)], axis=1)
+    tokens = jnp.concatenate([cls, patches], axis=1)
     pos = resample_pos_embed(self.pos_embed[...], (rows, cols), self.grid_size,
                              offset=self.pos_embed_offset)
     return tokens + pos.astype(dtype)

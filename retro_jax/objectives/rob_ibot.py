@@ -33,7 +33,8 @@ Readings of the open points (rob.md 2.4, 7.4-7.5):
   aspect ratio as VISSL's code runs: exp(U(0.3, 1/0.3)), the bounds taken as logarithms
   (always taller than wide, 1.35 to 28); 'ibot' as iBOT's loader, exp(U(log 0.3, log 1/0.3)).
 
-Extra state: the two centres (K,), zeros, and unchanged unless `centering`.
+Extra state: the two centres (K,), K = `num_prototypes`, zeros and unchanged unless
+`centering`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ MASK_ASPECT_SAMPLING = ("vissl", "ibot")
 class Config:
   """RoB-iBOT hyperparameters (`ibot_distill_deit_b16_to_deit_s16_on_in1k.yaml`)."""
 
+  num_prototypes: int = 8192  # the teacher head's (iBOT's out_dim); checked against it
   teacher_temperature: float = 0.07
   teacher_patch_temperature: float = 0.07
   student_temperature: float = 0.1
@@ -140,6 +142,9 @@ def loss(state: State, student_cls: jax.Array, student_patch: jax.Array,
                      f"{teacher_patch.shape} and masks {masks.shape} must be (G, B, N, K) "
                      f"and (G, B, N) with G = {num_global} teacher crops")
   centred_cls, centred_patch = teacher_cls, teacher_patch
+  if student_cls.shape[-1] != state.center.shape[-1]:
+    raise ValueError(f"head outputs have {student_cls.shape[-1]} prototypes, the state "
+                     f"{state.center.shape[-1]} (config.num_prototypes)")
   if config.centering:
     centred_cls, centred_patch = teacher_cls - state.center, teacher_patch - state.patch_center
   probs = jax.nn.softmax(centred_cls / config.teacher_temperature, axis=-1)

@@ -6,6 +6,8 @@
               student has a fresh DINO head onto the teacher's K prototypes
     rob_msn   targets: a frozen MSN teacher's prototype probabilities; the student has a plain
               MLP onto the K = 1,024 logits and drops patch tokens on the global crops (ViT)
+    rob_ibot  targets: a frozen iBOT teacher's class and patch logits on the global crops; the
+              student's global crops are block-masked (retro_jax/train/rob_ibot_method.py)
 
 Crops of one size go through the network together, as DINO's `MultiCropWrapper` does: the
 global crops as one batch, the local crops as another (batch norm of a CNN student therefore
@@ -39,12 +41,14 @@ from retro_jax.models.vit import VisionTransformer
 from retro_jax.objectives import contrastive
 from retro_jax.objectives import dino
 from retro_jax.objectives import rob_dino
+from retro_jax.objectives import rob_ibot
 from retro_jax.objectives import rob_msn
+from retro_jax.train import rob_ibot_method
 from retro_jax.train import teacher as teacher_lib
 from retro_jax.train.freeze import EarlyFreeze
 from retro_jax.train.optim import parameter_name
 
-METHODS = ("dino", "rob_dino", "rob_msn")
+METHODS = ("dino", "rob_dino", "rob_msn", "rob_ibot")
 
 
 class MultiCropStudent(nnx.Module):
@@ -146,6 +150,8 @@ class MultiCropMethod:
       for target, source in ((ema_backbone, backbone), (ema_head, head)):
         nnx.update(target, jax.tree.map(jnp.copy, nnx.state(source, nnx.Param)))
       return MultiCropStudent(backbone, head, ema_backbone, ema_head)
+    if self.name == "rob_ibot":
+      return rob_ibot_method.build(backbone, teacher, self.head, self.objective, rngs=rngs)
     teacher_head = None if teacher is None else teacher.head
     if self.name == "rob_dino":
       if not isinstance(teacher_head, DINOHead):
@@ -175,6 +181,8 @@ class MultiCropMethod:
     del key  # no random buffers
     if self.name == "dino":
       return dino.init_state(self.head["out_features"])
+    if self.name == "rob_ibot":
+      return rob_ibot.init_state(self.objective.num_prototypes)
     return rob_dino.init_state() if self.name == "rob_dino" else rob_msn.init_state()
 
   def momentum_update(self, model: MultiCropStudent, step: jax.Array) -> None:
@@ -204,6 +212,11 @@ class MultiCropMethod:
 
   def loss(self, model: MultiCropStudent, teacher, views, state, *, step, key):
     """(loss, metrics, new objective state) for the crops (global crops first)."""
+    if self.name == "rob_ibot":  # masked global crops with patch tokens: its own forward
+      local = views[self.num_teacher_crops:]
+      local_cls = self._outputs(model.backbone, model.head, local) if local else None
+      return rob_ibot_method.loss(model, teacher, views[:self.num_teacher_crops], local_cls,
+                                  state, key=key, config=self.objective)
     student = self._outputs(model.backbone, model.head, views, key)
     globals_ = views[:self.num_teacher_crops]
     if self.name == "dino":
@@ -237,6 +250,8 @@ class MultiCropMethod:
 
   def export_head(self, model: MultiCropStudent) -> tuple[nnx.Module, str, dict[str, Any]]:
     """The student head with the `EncoderSpec` head kind and arguments that rebuild it."""
+    if self.name == "rob_ibot":
+      return rob_ibot_method.export_head(model, self.head)
     head = model.head
     if isinstance(head, DINOHead):
       options = {k: v for k, v in self.head.items() if k != "out_features"}

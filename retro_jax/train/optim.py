@@ -75,8 +75,8 @@ Which recipe uses what (`RECIPES`, `recipe_config(name)`):
   rob_swav                VISSL SGD + LARC (eta 0.001), momentum 0.9, lr 0.3 per 256 after 10
                           warm-up epochs from 0.3, cosine to 0.0048, wd 1e-6 on every tensor,
                           per step (RoB-SwAV's config).
-  rob_dino, rob_msn       VISSL AdamW as in RoB's configs (values per epoch). VISSL evaluates
-                          the cosine on whole-run progress after the warm-up; here it runs
+  rob_dino, rob_msn,      VISSL AdamW as in RoB's configs (values per epoch). VISSL evaluates
+  rob_ibot                the cosine on whole-run progress after the warm-up; here it runs
                           over the post-warm-up steps as in DINO (a small deviation).
   linear_eval             SGD 0.9, lr 3.0 (DisCo's commands), no decay, x0.5 at epochs 5, 10,
                           ..., 45, 60, 80 (DisCo main_lincls.py).
@@ -576,6 +576,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     # 5e-4 x 1024 / 256 = 2e-3 at RoB's batch of 1,024; 10 of 300 epochs of warm-up from 1e-5.
     "rob_dino": dict(name="adamw", lr=5e-4, lr_scaling="linear", warmup_epochs=10,
                      warmup_start_lr=1e-5, min_lr=1e-5, weight_decay=0.04, weight_decay_end=0.4,
+                     exclude_from_weight_decay="bias_and_norm", schedule_unit="epoch"),
+    # 5e-4 x 1024 / 256 = 2e-3 (VISSL's absolute 0.002); 10 of 100 epochs of warm-up from
+    # 1e-5; weight decay to 0.48, as both iBOT distillation configs write it (iBOT's own 0.4).
+    "rob_ibot": dict(name="adamw", lr=5e-4, lr_scaling="linear", warmup_epochs=10,
+                     warmup_start_lr=1e-5, min_lr=1e-5, weight_decay=0.04, weight_decay_end=0.48,
                      exclude_from_weight_decay="bias_and_norm", schedule_unit="epoch"),
     # 2.5e-4 x 1024 / 256 = 1e-3; 15 of 150 epochs of warm-up from 2e-4; global clip 1.0.
     "rob_msn": dict(name="adamw", lr=2.5e-4, lr_scaling="linear", warmup_epochs=15,

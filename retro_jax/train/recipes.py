@@ -7,6 +7,7 @@ run on Fashion-MNIST that the tests train, and `authors_reference(config)` turns
 DisCo config into the form of the authors' code (`finish` applies both by variant). The layout:
 
   method            'mocov2' | 'disco' | 'retro' | 'dino' | 'rob_dino' | 'rob_msn'
+                    | 'rob_ibot'
   seed, global_batch_size, epochs, total_steps (> 0 overrides epochs)
   objective         the objective's Config fields (retro_jax/objectives/<method>.py)
   student           name, kwargs (backbone options), head_hidden (mocov2/disco), adapter and
@@ -116,12 +117,17 @@ _SMOKE_TEACHERS = {
     "rob_msn": dict(_SMOKE_VIT, head_kind="msn", head_kwargs={
         "in_features": 192, "num_prototypes": 64, "hidden_features": 256,
         "out_features": 64}),
+    # iBOT's head is a DINO head shared by the class and patch tokens (`convert --format ibot`).
+    "rob_ibot": dict(_SMOKE_VIT, head_kind="dino", head_kwargs={
+        "in_features": 192, "out_features": 64, "hidden_features": 256,
+        "bottleneck_features": 64, "norm_last_layer": True}),
 }
 
 
 def _smoke_multicrop(config: ml_collections.ConfigDict) -> None:
   """Two 32 px global and two 16 px local crops; small heads; a random ViT-Tiny teacher."""
-  name = {"dino": "dino", "rob_dino": "rob_dino", "rob_msn": "msn"}[config.method]
+  name = {"dino": "dino", "rob_dino": "rob_dino", "rob_msn": "msn",
+          "rob_ibot": "rob_dino"}[config.method]
   config.data.augmentation = presets.preset(name, global_size=32, local_size=16,
                                             num_local_crops=2)
   if config.student.name.startswith("vit"):

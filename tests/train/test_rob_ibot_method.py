@@ -1,0 +1,125 @@
+"""RoB-iBOT on the engine: the :smoke recipe trained from a teacher written in iBOT's checkpoint
+layout and converted with `convert --format ibot`; the method's masking and gradients."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import ibot_reference
+from retro_jax import checkpoint
+from retro_jax import main as main_lib
+from retro_jax.convert import cli as convert_cli
+from retro_jax.models.encoder import Encoder
+from retro_jax.models.heads import DINOHead
+from retro_jax.models.vit import VisionTransformer
+from retro_jax.objectives import rob_ibot
+from retro_jax.train import rob_ibot_method
+from retro_jax.train.multicrop_methods import MultiCropMethod
+
+CONFIG = str(pathlib.Path(__file__).parents[2] / "configs" / "rob_ibot_vit_small.py")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def converted_teacher(tmp_path_factory) -> pathlib.Path:
+  """The :smoke teacher's shape (ViT-Tiny at 32 px, a 64-prototype head) in iBOT's layout."""
+  torch.manual_seed(0)
+  network = ibot_reference.randomise(ibot_reference.IBOTNetwork(
+      img_size=32, out_dim=64, hidden_dim=256, bottleneck_dim=64), seed=1)
+  folder = tmp_path_factory.mktemp("ibot_smoke")
+  ibot_reference.save_ibot_checkpoint(folder / "checkpoint.pth", network)
+  assert convert_cli.main(["--src", str(folder / "checkpoint.pth"), "--format", "ibot",
+                           "--arch", "vit_tiny_patch16", "--out", str(folder / "teacher")]) == 0
+  return folder / "teacher"
+
+
+# ~40 s on the 2-core CPU: a ViT-S student and a ViT-Tiny teacher compiled for one step.
+@pytest.mark.slow
+def test_smoke_recipe_trains_from_a_converted_ibot_teacher(converted_teacher, fashion_mnist_tfds,
+                                                           tmp_path, capsys):
+  workdir = tmp_path / "run"
+  assert main_lib.main(["--config", f"{CONFIG}:smoke", "--workdir", str(workdir),
+                        f"--config.data.data_dir={fashion_mnist_tfds}",
+                        f"--config.teacher.checkpoint={converted_teacher}",
+                        "--config.total_steps=2", "--config.monitor.every_steps=0"]) == 0
+  assert "step 2/2" in capsys.readouterr().out
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert len(records) == 2
+  for record in records:
+    assert np.isclose(record["loss"], record["cls_loss"] + record["patch_loss"], rtol=1e-5)
+    assert 0.0 <= record["masked_fraction"] <= 0.5
+  _, description = checkpoint.load_model(workdir / "student")
+  assert description["source"]["method"] == "rob_ibot"
+  assert description["encoder"]["architecture"] == "vit_small_patch16"
+  assert description["encoder"]["head_kind"] == "dino"
+
+
+OBJECTIVE = rob_ibot.Config(num_prototypes=64, pred_ratio_mean=(0.4,), pred_ratio_var=(0.0,),
+                            mask_aspect_sampling="ibot")
+
+
+def one_block_vit():
+  """ViT-Tiny's width with one block at 64 px: the wiring, at a fraction of the compile."""
+  return VisionTransformer(embed_dim=192, depth=1, num_heads=3, img_size=64, rngs=nnx.Rngs(0))
+
+
+def method(kind="ibot"):
+  return MultiCropMethod("rob_ibot", OBJECTIVE, "vit_tiny_patch16", {"img_size": 64},
+                         head={"kind": kind, "hidden_features": 64, "bottleneck_features": 32})
+
+
+@pytest.fixture(scope="module")
+def small_teacher():
+  teacher = Encoder(one_block_vit(), DINOHead(192, 64, hidden_features=64,
+                                              bottleneck_features=32, rngs=nnx.Rngs(3)))
+  teacher.eval()
+  return teacher
+
+
+def test_masked_patches_take_the_mask_token_and_it_learns(small_teacher):
+  model = rob_ibot_method.build(one_block_vit(), small_teacher, method().head, OBJECTIVE,
+                                rngs=nnx.Rngs(1))
+  views = [jax.random.normal(jax.random.key(i), (2, 64, 64, 3)) for i in range(2)]
+  views += [jax.random.normal(jax.random.key(9), (2, 32, 32, 3))]
+  graphdef, trainable, rest = nnx.split(model, method().trainable_filter(), ...)
+
+  def loss(trainable):
+    model = nnx.merge(graphdef, trainable, rest, copy=True)
+    value, metrics, _ = method().loss(model, small_teacher, views,
+                                      method().init_state(None), step=0, key=jax.random.key(5))
+    return value, metrics
+
+  grads, metrics = jax.jit(jax.grad(loss, has_aux=True))(trainable)
+  # 0.4 of the 16 patches per global crop asked for, in blocks: at most 6 each.
+  assert 0.0 < float(metrics["masked_fraction"]) <= 6 / 16
+  assert float(jnp.abs(grads["mask_token"][...]).sum()) > 0  # only masked patches reach it
+  for part in ("backbone", "head"):
+    assert float(jnp.abs(jax.tree.leaves(grads[part])[0]).sum()) > 0, part
+  # The head is exported as a DINO head that rebuilds; the mask token stays behind.
+  _, kind, kwargs = method().export_head(model)
+  assert kind == "dino" and kwargs["norm_last_layer"] is False and kwargs["out_features"] == 64
+
+
+def test_wrong_teachers_and_heads_are_named(small_teacher):
+  head = method().head
+  with pytest.raises(ValueError, match="objective.num_prototypes is 8192"):
+    rob_ibot_method.build(one_block_vit(), small_teacher, head, rob_ibot.Config(),
+                          rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="needs an iBOT teacher"):
+    rob_ibot_method.build(one_block_vit(), None, head, OBJECTIVE, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="student.head.kind"):
+    rob_ibot_method.build(one_block_vit(), small_teacher, method("mlp").head, OBJECTIVE,
+                          rngs=nnx.Rngs(0))
+  model = rob_ibot_method.build(one_block_vit(), small_teacher, method("distillation").head,
+                                OBJECTIVE, rngs=nnx.Rngs(0))
+  _, kind, kwargs = method("distillation").export_head(model)
+  assert kind == "mlp" and kwargs == {"dims": [192, 64, 64, 64], "activation": "gelu"}
