@@ -110,6 +110,24 @@ def test_reference_is_refused_where_no_authors_form_is_defined(name):
     get_config(name, "reference")
 
 
+def test_rob_swav_is_vissls_rn50_to_rn50_recipe():
+  from retro_jax.train.loop import objective_config  # pylint: disable=g-import-not-at-top
+  config = get_config("rob_swav_resnet50")
+  assert (config.method, config.student.name, config.epochs, config.global_batch_size) == (
+      "rob_swav", "resnet50", 100, 4096)
+  assert config.student.head.to_dict() == {"hidden_features": 2048, "batch_norm": True}
+  objective = objective_config(config)
+  assert (objective.epsilon, objective.num_iters, objective.temperature) == (0.03, 3, 0.1)
+  assert objective.use_teacher_prototypes and objective.num_teacher_crops == 1
+  assert config.optimizer.name == "larc" and config.optimizer.weight_decay == 1e-6
+  assert [v.crop.size for v in config.data.augmentation.views] == [224] * 2 + [96] * 4
+  smoke = get_config("rob_swav_resnet50", "smoke")
+  assert smoke.teacher.random_spec.head_kind == "swav"
+  assert smoke.objective.num_prototypes == smoke.teacher.random_spec.head_kwargs.num_prototypes
+  with pytest.raises(ValueError, match="'retro' and 'disco'"):
+    get_config("rob_swav_resnet50", "reference")
+
+
 def test_unknown_variant_names_the_known_ones():
   with pytest.raises(ValueError, match="reference_smoke"):
     get_config("effb0", "refrence")

@@ -209,9 +209,9 @@ def split_swav(obj: Any, arch: str) -> SplitCheckpoint:
   torchvision's ResNet names (SwAV's `padding` + conv1 padding 2 is our padding 3), the
   projection head `projection_head.0.*` Linear(2048, 2048), `.1.*` BatchNorm1d, `.3.*`
   Linear(2048, 128), and `prototypes.weight` (3,000 x 128, no bias). SwAV's other head forms
-  (no hidden layer, several prototype sets) are refused, naming the key.
+  (no hidden layer, several prototype sets) are refused, naming the key. SwAV's `widen` is
+  our ResNet `width` (stem channels, read from conv1): recorded when it is not `arch`'s own.
   """
-  del arch
   state = _strip(_plain_state_dict(obj, "SwAV"), "module.")
   if "prototypes.weight" not in state:
     several = sorted(k for k in state if k.startswith("prototypes.prototypes"))
@@ -240,7 +240,16 @@ def split_swav(obj: Any, arch: str) -> SplitCheckpoint:
   kwargs = {"in_features": int(first.shape[1]), "num_prototypes": int(prototypes.shape[0]),
             "hidden_features": int(first.shape[0]), "out_features": int(prototypes.shape[1]),
             "batch_norm": "projection_head.1.running_mean" in head}
-  return SplitCheckpoint(backbone, {}, head, "swav", kwargs)
+  return SplitCheckpoint(backbone, _resnet_width(backbone, arch), head, "swav", kwargs)
+
+
+def _resnet_width(backbone: dict[str, Any], arch: str) -> dict[str, Any]:
+  """{'width': stem channels} where a ResNet file's conv1 differs from `arch`'s default."""
+  conv1 = backbone.get("conv1.weight")
+  default = 128 if arch == "resnet50x2" else 64
+  if family(arch) != "resnet" or conv1 is None or int(conv1.shape[0]) == default:
+    return {}
+  return {"width": int(conv1.shape[0])}
 
 
 # RoB's MSN teacher head (VISSL `teacher/msn_vit_{b16,b4,l16,l7}.yaml`, `msn_head`

@@ -36,6 +36,7 @@ from retro_jax.objectives import retro
 from retro_jax.objectives import rob_dino
 from retro_jax.objectives import rob_ibot
 from retro_jax.objectives import rob_msn
+from retro_jax.objectives import rob_swav
 from retro_jax.train import mesh as mesh_lib
 from retro_jax.train import optim
 from retro_jax.train import preflight
@@ -56,7 +57,8 @@ from retro_jax.user_errors import UserError
 
 OBJECTIVE_CONFIGS = {"mocov2": mocov2.Config, "disco": disco.Config, "retro": retro.Config,
                      "dino": dino.Config, "rob_dino": rob_dino.Config,
-                     "rob_msn": rob_msn.Config, "rob_ibot": rob_ibot.Config}
+                     "rob_msn": rob_msn.Config, "rob_swav": rob_swav.Config,
+                     "rob_ibot": rob_ibot.Config}
 
 
 class ConfigError(UserError, ValueError):

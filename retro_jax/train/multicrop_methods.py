@@ -1,4 +1,4 @@
-"""DINO, RoB-DINO and RoB-MSN on the engine: multi-crop students against a teacher's targets.
+"""DINO and RoB (-DINO, -MSN, -SwAV, -iBOT) on the engine: multi-crop students, teacher targets.
 
     dino      student f, head h on every crop;  targets: the EMA copy (f_ema, h_ema) on the
               global crops, centred and sharpened (retro_jax/objectives/dino.py)
@@ -6,6 +6,9 @@
               student has a fresh DINO head onto the teacher's K prototypes
     rob_msn   targets: a frozen MSN teacher's prototype probabilities; the student has a plain
               MLP onto the K = 1,024 logits and drops patch tokens on the global crops (ViT)
+    rob_swav  targets: Sinkhorn codes of a frozen SwAV teacher's prototype scores on the first
+              crop (or two); the student's VISSL `mlp` projection is scored against the
+              teacher's prototypes (or, use_teacher_prototypes=False, its own SwAV head's)
     rob_ibot  targets: a frozen iBOT teacher's class and patch logits on the global crops; the
               student's global crops are block-masked (retro_jax/train/rob_ibot_method.py)
 
@@ -37,18 +40,20 @@ from retro_jax.models.heads import DINOHead
 from retro_jax.models.heads import FrozenParam
 from retro_jax.models.heads import MLPHead
 from retro_jax.models.heads import MSNHead
+from retro_jax.models.heads import SwAVHead
 from retro_jax.models.vit import VisionTransformer
 from retro_jax.objectives import contrastive
 from retro_jax.objectives import dino
 from retro_jax.objectives import rob_dino
 from retro_jax.objectives import rob_ibot
 from retro_jax.objectives import rob_msn
+from retro_jax.objectives import rob_swav
 from retro_jax.train import rob_ibot_method
 from retro_jax.train import teacher as teacher_lib
 from retro_jax.train.freeze import EarlyFreeze
 from retro_jax.train.optim import parameter_name
 
-METHODS = ("dino", "rob_dino", "rob_msn", "rob_ibot")
+METHODS = ("dino", "rob_dino", "rob_msn", "rob_swav", "rob_ibot")
 
 
 class MultiCropStudent(nnx.Module):
@@ -97,13 +102,14 @@ class MultiCropMethod:
   """One of METHODS with its hyperparameters and model choices.
 
   Attributes:
-    name: 'dino', 'rob_dino' or 'rob_msn'.
+    name: 'dino', 'rob_dino', 'rob_msn', 'rob_swav' or 'rob_ibot'.
     objective: the objective module's Config.
     student: backbone name; `student_kwargs` its options (e.g. img_size, drop_path_rate).
     head: head options. dino: DINOHead's (out_features, norm_last_layer, num_layers,
       hidden_features, bottleneck_features, batch_norm); rob_dino: the same except
       out_features, which is the teacher's; rob_msn: hidden_features, batch_norm (VISSL's
-      `mlp` [d, 2048, 1024], no activation).
+      `mlp` [d, 2048, 1024], no activation); rob_swav: hidden_features, batch_norm (default
+      True: VISSL's `mlp` [d, 2048, 128] with BN, no activation, or its own `swav_head`).
     steps_per_epoch, total_steps: for DINO's schedules (momentum, temperature, freezing).
     num_teacher_crops: the first crops, seen by the teacher (the two global crops).
     token_drop_ratio: rob_msn with a ViT student (0.10 ViT-Ti, 0.15 ViT-S); 0 for none.
@@ -161,6 +167,9 @@ class MultiCropMethod:
       options.setdefault("norm_last_layer", False)  # RoB's students train the gain
       return MultiCropStudent(backbone, DINOHead(width, teacher_head.out_features, **options,
                                                  rngs=rngs))
+    if self.name == "rob_swav":
+      return MultiCropStudent(backbone, self._swav_student_head(width, teacher_head, options,
+                                                                rngs))
     if not isinstance(teacher_head, MSNHead):
       raise ValueError("rob_msn needs an MSN teacher with its MSN head (prototypes)")
     num_prototypes = teacher_head.prototypes.shape[0]
@@ -171,6 +180,25 @@ class MultiCropMethod:
     return MultiCropStudent(backbone, MLPHead(dims, activation=None,
                                               batch_norm=options.get("batch_norm", False),
                                               rngs=rngs))
+
+  def _swav_student_head(self, width: int, teacher_head, options: dict,
+                         rngs: nnx.Rngs) -> nnx.Module:
+    """RoB-SwAV's student head (VISSL `student/resnet*_swav_teacher_prot.yaml` and
+    `student/resnet*_swav.yaml`): the `mlp` [d, hidden, D] (Linear, BN, Linear, no ReLU) whose
+    output the teacher's prototypes score, or a SwAV head with its own K prototypes."""
+    if not isinstance(teacher_head, SwAVHead):
+      raise ValueError("rob_swav needs a SwAV teacher with its head and prototypes (convert it "
+                       "with --format swav)")
+    if teacher_head.num_prototypes != self.objective.num_prototypes:
+      raise ValueError(f"the teacher has {teacher_head.num_prototypes} prototypes, "
+                       f"objective.num_prototypes is {self.objective.num_prototypes}")
+    hidden = options.get("hidden_features", 2048)
+    batch_norm = options.get("batch_norm", True)
+    if self.objective.use_teacher_prototypes:
+      return MLPHead((width, hidden, teacher_head.out_features), activation=None,
+                     batch_norm=batch_norm, rngs=rngs)
+    return SwAVHead(width, teacher_head.num_prototypes, hidden_features=hidden,
+                    out_features=teacher_head.out_features, batch_norm=batch_norm, rngs=rngs)
 
   def trainable_filter(self):
     """Student params except frozen weight-norm gains; never the EMA copy."""
@@ -183,6 +211,8 @@ class MultiCropMethod:
       return dino.init_state(self.head["out_features"])
     if self.name == "rob_ibot":
       return rob_ibot.init_state(self.objective.num_prototypes)
+    if self.name == "rob_swav":
+      return rob_swav.init_state()
     return rob_dino.init_state() if self.name == "rob_dino" else rob_msn.init_state()
 
   def momentum_update(self, model: MultiCropStudent, step: jax.Array) -> None:
@@ -224,6 +254,8 @@ class MultiCropMethod:
           self._outputs(model.ema_backbone, model.ema_head, globals_))
       return dino.loss(state, student, targets, step // self.steps_per_epoch,
                        config=self.objective)
+    if self.name == "rob_swav":
+      return self._swav_loss(teacher, student, views, state)
     x = teacher_lib.as_input(teacher, jnp.concatenate(globals_))
     # The head runs in float32 even for a bfloat16 teacher: its softmax at temperature 0.025
     # (MSN) or over 65,536 prototypes (DINO) would lose too much in bfloat16.
@@ -231,6 +263,17 @@ class MultiCropMethod:
     targets = jax.lax.stop_gradient(jnp.stack(jnp.split(targets, len(globals_))))
     loss_fn = rob_dino.loss if self.name == "rob_dino" else rob_msn.loss
     return loss_fn(state, student, targets, config=self.objective)
+
+  def _swav_loss(self, teacher, student, views, state):
+    """RoB-SwAV: the teacher's prototype scores on its crops (VISSL's hook: crop 0, or the two
+    global crops with use_two_crops_for_teacher) and, for the student, its prototypes."""
+    crops = views[:self.objective.num_teacher_crops]
+    x = teacher_lib.as_input(teacher, jnp.concatenate(crops))
+    scores = teacher.head(teacher.backbone(x).pooled.astype(jnp.float32)).astype(jnp.float32)
+    scores = jax.lax.stop_gradient(jnp.stack(jnp.split(scores, len(crops))))
+    prototypes = (teacher.head.prototype_matrix() if self.objective.use_teacher_prototypes
+                  else None)
+    return rob_swav.loss(state, student, scores, prototypes, config=self.objective)
 
   @property
   def early_freeze(self) -> EarlyFreeze | None:
@@ -259,6 +302,11 @@ class MultiCropMethod:
         options.setdefault("norm_last_layer", False)
       return head, "dino", dict(options, in_features=head.in_features,
                                 out_features=head.out_features)
-    dims = [head.in_features, self.head.get("hidden_features", 2048), head.out_features]
-    return head, "mlp", {"dims": dims, "activation": None,
-                         "batch_norm": self.head.get("batch_norm", False)}
+    hidden = self.head.get("hidden_features", 2048)
+    batch_norm = self.head.get("batch_norm", self.name == "rob_swav")
+    if isinstance(head, SwAVHead):
+      return head, "swav", {"in_features": head.in_features, "hidden_features": hidden,
+                            "num_prototypes": head.num_prototypes,
+                            "out_features": head.out_features, "batch_norm": batch_norm}
+    dims = [head.in_features, hidden, head.out_features]
+    return head, "mlp", {"dims": dims, "activation": None, "batch_norm": batch_norm}

@@ -6,7 +6,7 @@ of the open points) and builds it with `contrastive_config(...)` (MoCo-style met
 run on Fashion-MNIST that the tests train, and `authors_reference(config)` turns a Retro or
 DisCo config into the form of the authors' code (`finish` applies both by variant). The layout:
 
-  method            'mocov2' | 'disco' | 'retro' | 'dino' | 'rob_dino' | 'rob_msn'
+  method            'mocov2' | 'disco' | 'retro' | 'dino' | 'rob_dino' | 'rob_msn' | 'rob_swav'
                     | 'rob_ibot'
   seed, global_batch_size, epochs, total_steps (> 0 overrides epochs)
   objective         the objective's Config fields (retro_jax/objectives/<method>.py)
@@ -117,6 +117,10 @@ _SMOKE_TEACHERS = {
     "rob_msn": dict(_SMOKE_VIT, head_kind="msn", head_kwargs={
         "in_features": 192, "num_prototypes": 64, "hidden_features": 256,
         "out_features": 64}),
+    # A ResNet-18 trunk (SwAV's src/resnet50.py builds one from its BasicBlock) at 1/8 width.
+    "rob_swav": dict(architecture="resnet18", backbone_kwargs={"width": 8}, head_kind="swav",
+                     head_kwargs={"in_features": 64, "num_prototypes": 64,
+                                  "hidden_features": 64, "out_features": 32}),
     # iBOT's head is a DINO head shared by the class and patch tokens (`convert --format ibot`).
     "rob_ibot": dict(_SMOKE_VIT, head_kind="dino", head_kwargs={
         "in_features": 192, "out_features": 64, "hidden_features": 256,
@@ -127,7 +131,7 @@ _SMOKE_TEACHERS = {
 def _smoke_multicrop(config: ml_collections.ConfigDict) -> None:
   """Two 32 px global and two 16 px local crops; small heads; a random ViT-Tiny teacher."""
   name = {"dino": "dino", "rob_dino": "rob_dino", "rob_msn": "msn",
-          "rob_ibot": "rob_dino"}[config.method]
+          "rob_swav": "rob_swav", "rob_ibot": "rob_dino"}[config.method]
   config.data.augmentation = presets.preset(name, global_size=32, local_size=16,
                                             num_local_crops=2)
   if config.student.name.startswith("vit"):

@@ -19,6 +19,7 @@ from PIL import Image
 
 from retro_jax import checkpoint
 from retro_jax import main as main_lib
+from retro_jax.convert import cli as convert_cli
 from retro_jax.data import sources
 from retro_jax.models.encoder import EncoderSpec
 from retro_jax.models.encoder import build_encoder
@@ -27,6 +28,8 @@ from retro_jax.train import mesh as mesh_lib
 from retro_jax.train import progress as progress_lib
 from retro_jax.train import step as step_lib
 from retro_jax.train.contrastive_methods import ContrastiveMethod
+from swav_reference import SwAVResNet
+from swav_reference import save_released
 
 # The end-to-end tests use the ResNet-18 recipe (its step compiles several times faster than
 # EfficientNet-B0's on CPU), the runs that train at 1/8 of its width (NARROW_SMOKE). Every
@@ -147,6 +150,33 @@ def test_the_data_section_alone_switches_the_dataset(fashion_mnist_tfds, tmp_pat
   data.dataset, data.split, data.data_dir = "tfds:imagenet2012", "train", str(tmp_path)
   with pytest.raises(sources.DataSourceError, match="imagenet2012"):
     sources.open_source(data.dataset, data.split, data.data_dir)
+
+
+@pytest.mark.slow  # ~25 s: converts a SwAV ResNet-18 teacher through the CLI, trains 2 steps
+def test_rob_swav_smoke_trains_from_a_teacher_converted_from_swavs_file(fashion_mnist_tfds,
+                                                                         tmp_path, capsys):
+  """RoB-SwAV end to end: a random SwAV ResNet-18 (SwAV's model code and file layout),
+  `convert --format swav`, then the :smoke run with it as the teacher."""
+  swav = SwAVResNet(18, width=8, hidden_mlp=64, output_dim=32, nmb_prototypes=64)
+  source = save_released(swav, tmp_path / "swav_rn18.pth.tar")
+  teacher = tmp_path / "teacher"
+  assert convert_cli.main(["--src", str(source), "--format", "swav", "--arch", "resnet18",
+                           "--out", str(teacher)]) == 0
+  workdir = tmp_path / "run"
+  args = smoke_args(workdir, fashion_mnist_tfds, "--config.total_steps=2",
+                    "--config.monitor.every_steps=0", f"--config.teacher.checkpoint={teacher}",
+                    config=f"{ROB_SWAV}:smoke")
+  assert main_lib.main(args) == 0
+  out = capsys.readouterr().out
+  assert "step 2/2" in out and "loss" in out
+  record = json.loads((workdir / "config.json").read_text())
+  assert record["method"] == "rob_swav" and record["teacher"]["checkpoint"] == str(teacher)
+  model, description = checkpoint.load_model(workdir / "student")
+  assert description["source"]["method"] == "rob_swav"
+  assert description["encoder"]["head_kind"] == "mlp"
+  assert description["encoder"]["head_kwargs"]["dims"] == [128, 256, 32]  # onto C_t's width
+  assert model.backbone.feature_width == 128
+  assert checkpoint.read_description(teacher)["encoder"]["backbone_kwargs"] == {"width": 8}
 
 
 # ------------------------------------------------------------------------------------------
