@@ -11,3 +11,11 @@ try:
   __version__ = _metadata.version("retro_jax")
 except _metadata.PackageNotFoundError:  # Running from a source tree that is not installed.
   __version__ = "0+unknown"
+
+
+def __getattr__(name):
+  # Loaded on first use: `import retro_jax` stays free of JAX (the CLI's start-up).
+  if name == "load_student":
+    from retro_jax.pretrained import load_student  # pylint: disable=import-outside-toplevel
+    return load_student
+  raise AttributeError(f"module 'retro_jax' has no attribute {name!r}")

@@ -3,7 +3,8 @@
 #
 #   bash scripts/setup.sh [--test] [--fresh]
 #
-#   --test   also install the test extra (pytest, torch, torchvision) for the parity tests
+#   --test   also install the test extra (pytest, torch, torchvision for the parity tests;
+#            nbclient and ipykernel to execute the Colab notebooks)
 #   --fresh  delete the virtual environment first (CI does this; so does CI=true)
 #
 # Environment:
