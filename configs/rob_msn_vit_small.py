@@ -1,9 +1,18 @@
 r"""RoB-MSN: ViT-S/16 student with token dropping, frozen MSN ViT-L/16 teacher, ImageNet.
 
-Command (a TPU or GPU host; convert the MSN teacher with its head and prototypes first):
+Commands (a TPU or GPU host). First the teacher: MSN's released ViT-L/16
+(https://dl.fbaipublicfiles.com/msn/vitl16_600ep.pth.tar, facebookresearch/msn's README), its
+target encoder with the projection head and 1,024 prototypes (a VISSL checkpoint of an MSN
+ViT-L/16 converts the same way):
 
+    python -m retro_jax convert --src vitl16_600ep.pth.tar --format msn \
+        --arch vit_large_patch16 --out teachers/msn_vitl16
     python -m retro_jax.main --config configs/rob_msn_vit_small.py --workdir runs/rob_msn_vits \
         --config.teacher.checkpoint=teachers/msn_vitl16
+
+RoB's other MSN teachers (VISSL `teacher/msn_vit_{b16,b4,l7}.yaml`): ViT-B/16 and ViT-L/7
+convert with `--arch vit_base_patch16` / `vit_large_patch7`; ViT-B/4 has no registered
+backbone.
 
 Recipe (rob.md sections 2.3 and 4.2, VISSL `msn_distill_deit_l16_to_deit_s16_on_in1k.yaml`):
 150 epochs, global batch 1,024, AdamW lr 2.5e-4 x batch / 256 = 1e-3 after 15 warm-up epochs

@@ -255,6 +255,14 @@ class MSNHead(nnx.Module):
   the uniform distribution by `label_smoothing` (VISSL's product with smoothed one-hot
   prototype labels, in closed form). RoB-MSN's teachers use temperature 0.025, which is MSN's
   tau = 0.1 times its target sharpening T = 0.25.
+
+  Checked against vissl/models/heads/msn_head.py (commit 04788de9): layers, names, the
+  trunc_normal_(0.02) Linears with zero biases and the U(+-sqrt(1 / out)) prototypes are
+  VISSL's, which are also MSN's own `init_model` head and prototypes (facebookresearch/msn
+  src/msn_train.py). Two defaults differ on purpose: `batch_norm=True` and
+  `temperature=0.025` are RoB's teacher configs' (`teacher/msn_vit_*.yaml`), where VISSL's
+  constructor defaults are `use_bn=False`, `temperature=0.1`. `return_query` is `embed`
+  followed by `l2_normalize`.
   """
 
   def __init__(self, in_features: int, num_prototypes: int = 1024, *,
