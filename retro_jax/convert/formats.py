@@ -309,6 +309,9 @@ def _split_vissl_msn(obj: Mapping[str, Any]) -> SplitCheckpoint:
         (vissl/models/heads/msn_head.py) fc.{fc1, bn1, fc2, bn2, fc3}.* and prototypes
     the rest (base_model.meta, optimizer, phase and iteration counters): training state
 
+  The model is `base_model`, what VISSL's loader and so RoB's teacher hook
+  (vissl/hooks/distillation_hooks.py) read; a VISSL MSN training run keeps its EMA target
+  network in `classy_state_dict.loss.teacher` (vissl/losses/msn_loss.py), which they do not.
   FSDP-sharded checkpoints (flat parameters) do not load: consolidate them with VISSL first.
   """
   node: Any = obj
