@@ -24,7 +24,8 @@ from retro_jax.train.contrastive_methods import ContrastiveMethod
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
 RETRO = ("effb0", "mobilenetv3", "resnet18")
 DISCO = ("disco_effb0",)
-OTHERS = ("mocov2_r50", "dino_vit_small", "rob_dino_vit_tiny", "rob_msn_vit_small")
+OTHERS = ("mocov2_r50", "dino_vit_small", "rob_dino_vit_tiny", "rob_msn_vit_small",
+          "rob_ibot_vit_small")
 
 
 def get_config(name: str, variant: str | None = None):

@@ -123,3 +123,29 @@ def test_wrong_teachers_and_heads_are_named(small_teacher):
                                 OBJECTIVE, rngs=nnx.Rngs(0))
   _, kind, kwargs = method("distillation").export_head(model)
   assert kind == "mlp" and kwargs == {"dims": [192, 64, 64, 64], "activation": "gelu"}
+
+
+def test_recipe_carries_vissls_ibot_distillation_config():
+  """configs/rob_ibot_vit_small.py against `ibot_distill_deit_b16_to_deit_s16_on_in1k.yaml`."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("rob_ibot_config", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  assert (config.method, config.epochs, config.global_batch_size) == ("rob_ibot", 100, 1024)
+  assert config.student.name == "vit_small_patch16"
+  assert config.student.kwargs.drop_path_rate == 0.1
+  assert config.student.head.to_dict() == {"kind": "ibot", "hidden_features": 2048,
+                                           "bottleneck_features": 256, "norm_last_layer": False}
+  objective = rob_ibot.Config(**config.objective)
+  assert (objective.num_prototypes, objective.centering, objective.swapped_assignment) == (
+      8192, False, False)
+  crops = [view.crop for view in config.data.augmentation.views]
+  assert [c.size for c in crops] == [224] * 2 + [96] * 10
+  assert tuple(crops[0].scale) == (0.25, 1.0) and tuple(crops[2].scale) == (0.05, 0.25)
+  optimizer = config.optimizer
+  assert (optimizer.name, optimizer.lr * 1024 / 256, optimizer.warmup_epochs,
+          optimizer.warmup_start_lr, optimizer.min_lr, optimizer.weight_decay,
+          optimizer.weight_decay_end) == ("adamw", 2e-3, 10, 1e-5, 1e-5, 0.04, 0.48)
+  smoke = module.get_config("smoke")
+  assert smoke.teacher.random_spec.head_kwargs.out_features == smoke.objective.num_prototypes
