@@ -14,13 +14,12 @@ directory).
 from __future__ import annotations
 
 import argparse
-import os
-import pathlib
 import sys
 
 import numpy as np
 
 from retro_jax import output_paths
+from retro_jax import storage
 from retro_jax import user_errors
 
 OUTPUTS = ("features", "embedding")
@@ -30,11 +29,12 @@ class EmbedError(user_errors.UserError):
   """A user-facing failure: printed as one message, exit code 1."""
 
 
-def read_images(path: pathlib.Path) -> np.ndarray:
+def read_images(path: storage.Path) -> np.ndarray:
   if not path.is_file():
     raise EmbedError(f"--images {path}: no such file")
   try:
-    images = np.load(path, allow_pickle=False)
+    with path.open("rb") as file:
+      images = np.load(file, allow_pickle=False)
   except (ValueError, OSError) as error:
     raise EmbedError(f"--images {path} is not a NumPy .npy array: {error}") from None
   if images.ndim != 4 or images.shape[-1] != 3:
@@ -84,10 +84,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.embed")
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-  parser.add_argument("--checkpoint", required=True, type=pathlib.Path,
+  parser.add_argument("--checkpoint", required=True, type=storage.argument,
                       help="a retro_jax model directory (converted, trained or exported)")
-  parser.add_argument("--images", required=True, type=pathlib.Path, help="NHWC .npy array")
-  parser.add_argument("--out", required=True, type=pathlib.Path,
+  parser.add_argument("--images", required=True, type=storage.argument,
+                      help="NHWC .npy array")
+  parser.add_argument("--out", required=True, type=storage.argument,
                       help="the .npy file to write, at exactly this path (replaced if it "
                       "exists)")
   parser.add_argument("--output", choices=OUTPUTS, default="features")
@@ -109,9 +110,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.embed")
   print(file=sys.stderr)
   args.out.parent.mkdir(parents=True, exist_ok=True)
   partial = args.out.with_name(args.out.name + ".partial")
-  with open(partial, "wb") as file:  # np.save(path) would add .npy to another suffix.
+  with partial.open("wb") as file:  # np.save(path) would add .npy to another suffix.
     np.save(file, result)
-  os.replace(partial, args.out)  # Atomic: an interrupted run leaves no half-written array.
+  partial.replace(args.out)  # Atomic: an interrupted run leaves no half-written array.
   print(f"wrote {args.output} {result.shape} float32 to {args.out}")
   return 0
 

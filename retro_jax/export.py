@@ -26,6 +26,7 @@ import sys
 from typing import Any
 
 from retro_jax import output_paths
+from retro_jax import storage
 from retro_jax import user_errors
 
 FORMATS = ("orbax", "torch")
@@ -96,7 +97,7 @@ def resolve_model_dir(workdir: str | pathlib.Path, stage: str | None = None) -> 
   Raises:
     ExportError: no such workdir or stage, or the run has not finished.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)
   if not workdir.exists():
     raise ExportError(f"--workdir {workdir}: no such directory")
   if not workdir.is_dir():
@@ -221,7 +222,8 @@ def _torch_paths(out: pathlib.Path, architecture: str) -> tuple[pathlib.Path, pa
 
 def _same_or_inside(a: pathlib.Path, b: pathlib.Path) -> bool:
   """Whether one path is the other or lies inside it."""
-  a, b = a.resolve(), b.resolve()
+  a, b = (storage.path(os.path.realpath(p)) if storage.is_local(p) else storage.path(p)
+          for p in (a, b))
   return a == b or b in a.parents or a in b.parents
 
 
@@ -233,6 +235,7 @@ def export(workdir: pathlib.Path, out: pathlib.Path, fmt: str, *, stage: str | N
     ExportError: nothing to export there, or it cannot be exported in `fmt`.
     output_paths.OutputPathError: `out` cannot be written (checked before the model loads).
   """
+  workdir, out = storage.path(workdir), storage.path(out)
   model_dir = resolve_model_dir(workdir, stage)
   from retro_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from retro_jax.models.encoder import Encoder  # pylint: disable=g-import-not-at-top
@@ -248,9 +251,9 @@ def export(workdir: pathlib.Path, out: pathlib.Path, fmt: str, *, stage: str | N
   if with_head and spec.head_kind is None:
     raise ExportError(f"--with-head: {model_dir} holds a backbone without a head")
   provenance = {
-      "source": {"format": "retro_jax.export", "workdir": str(workdir.absolute()),
+      "source": {"format": "retro_jax.export", "workdir": str(workdir),
                  "stage": stage if stage is not None else _final_stage(workdir),
-                 "model_directory": str(model_dir.absolute())},
+                 "model_directory": str(model_dir)},
       "exported_from": source.get("source"),
   }
 
@@ -305,8 +308,9 @@ def export(workdir: pathlib.Path, out: pathlib.Path, fmt: str, *, stage: str | N
       "input": source["input"], "notes": recipe["notes"], **provenance}
   pt_path.parent.mkdir(parents=True, exist_ok=True)
   partial = pt_path.with_name(pt_path.name + ".partial")
-  torch.save(state, partial)
-  os.replace(partial, pt_path)
+  with partial.open("wb") as file:
+    torch.save(state, file)
+  partial.replace(pt_path)
   json_path.write_text(json.dumps(description, indent=2) + "\n")  # Last: the export is complete.
   return {"paths": [pt_path, json_path], "description": description}
 
@@ -328,9 +332,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.export"
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-  parser.add_argument("--workdir", required=True, type=pathlib.Path,
+  parser.add_argument("--workdir", required=True, type=storage.argument,
                       help="training workdir, multi-stage workdir or model directory")
-  parser.add_argument("--out", required=True, type=pathlib.Path,
+  parser.add_argument("--out", required=True, type=storage.argument,
                       help="model directory (orbax) or .pt file (torch) to write")
   parser.add_argument("--format", required=True, choices=FORMATS)
   parser.add_argument("--stage", help="stage of a multi-stage workdir (default: the final one)")

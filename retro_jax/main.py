@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
 
 from absl import flags
@@ -114,9 +113,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.main") 
     raise user_errors.UsageError(f"{config_flag_errors.explain(error, argv)}\n{usage}") from None
   if values.config is None or values.workdir is None:
     raise user_errors.UsageError(f"--config and --workdir are required\n{usage}")
-  config, workdir = values.config, pathlib.Path(values.workdir)
-  # A workdir that is a file or read-only fails now, not after the model is built.
-  output_paths.check_directory(workdir, "--workdir")
+  config = values.config
+  # A workdir that is a file or read-only fails now, not after the model is built; a cloud
+  # one (gs://...) stays a URI.
+  workdir = output_paths.check_directory(values.workdir, "--workdir")
 
   # Imported here so that --help and usage errors stay instant.
   from retro_jax.checkpoint import ModelDirectoryError, TrainCheckpointError  # pylint: disable=g-import-not-at-top

@@ -8,7 +8,9 @@ extraction. Nothing is created here: missing directories are made later by the w
 
 Writability is `os.access(..., W_OK)` with the effective user (what the kernel checks when
 the file is opened), on the path itself or, if it does not exist yet, on the nearest
-existing parent directory, where it would be created.
+existing parent directory, where it would be created. A cloud path (gs://...) is only checked
+for a scheme retro_jax can write (`storage.path`): a bucket's permissions show at the first
+write, which the runs make before any long computation (the workdir is created at once).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 import pathlib
 
+from retro_jax import storage
 from retro_jax.user_errors import UserError
 
 
@@ -53,7 +56,7 @@ def _check_where(path: pathlib.Path, flag: str, directory: pathlib.Path) -> None
     raise OutputPathError(f"{flag} {path}{where} {why}; choose another path")
 
 
-def check_directory(path: str | os.PathLike, flag: str) -> pathlib.Path:
+def check_directory(path: str | os.PathLike, flag: str) -> storage.Path:
   """Refuses a directory to be written (made if missing) that cannot be.
 
   Args:
@@ -61,26 +64,30 @@ def check_directory(path: str | os.PathLike, flag: str) -> pathlib.Path:
     flag: how the user named it, for the message (e.g. "--workdir").
 
   Returns:
-    `path` as a Path.
+    `path` as a `storage.path` (local and absolute, or a cloud URI).
 
   Raises:
     OutputPathError: `path` or one of its parents is a file, or the directory where it is (or
       would be) created is not writable.
   """
-  path = pathlib.Path(path)
-  _check_where(path, flag, path)
-  return path
+  where = storage.path(path)  # Refuses an unknown scheme or "gs:/x" first.
+  if storage.is_local(where):
+    path = pathlib.Path(path)  # As the user wrote it, for the messages.
+    _check_where(path, flag, path)
+  return where
 
 
-def check_file(path: str | os.PathLike, flag: str) -> pathlib.Path:
+def check_file(path: str | os.PathLike, flag: str) -> storage.Path:
   """Refuses a file to be written (or replaced) that cannot be; its directory may be missing.
 
   Raises:
     OutputPathError: `path` is a directory, one of its parents is a file, or its directory
       (where it is written, then renamed into place) is not writable.
   """
-  path = pathlib.Path(path)
-  if path.is_dir():
-    raise OutputPathError(f"{flag} {path} is a directory; name the file to write")
-  _check_where(path, flag, path.parent)
-  return path
+  where = storage.path(path)
+  if storage.is_local(where):
+    path = pathlib.Path(path)
+    if path.is_dir():
+      raise OutputPathError(f"{flag} {path} is a directory; name the file to write")
+    _check_where(path, flag, path.parent)
+  return where

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from retro_jax import output_paths
+from retro_jax import storage
 from retro_jax import user_errors
 
 METRICS_FILE = "metrics.jsonl"
@@ -92,7 +93,7 @@ def _number(value: Any) -> float | None:
 
 def read_metrics(workdir: str | pathlib.Path) -> RunLog:
   """Reads WORKDIR/metrics.jsonl; raises ReportError when there is no usable record."""
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)
   if not workdir.is_dir():
     raise ReportError(f"workdir {workdir} does not exist (or is not a directory)")
   path = workdir / METRICS_FILE
@@ -100,7 +101,7 @@ def read_metrics(workdir: str | pathlib.Path) -> RunLog:
     raise ReportError(f"{path} does not exist: no training run has logged a step in {workdir}")
   records: list[dict[str, Any]] = []
   superseded = unreadable = 0
-  with open(path, "rb") as lines:  # Bytes: a damaged line must not end the whole report.
+  with path.open("rb") as lines:  # Bytes: a damaged line must not end the whole report.
     for line in lines:
       if not line.strip():
         continue
@@ -133,7 +134,7 @@ def read_metrics(workdir: str | pathlib.Path) -> RunLog:
 
 def read_config(workdir: str | pathlib.Path) -> tuple[dict[str, Any] | None, str | None]:
   """(WORKDIR/config.json as a dict or None, a note when it exists but cannot be read)."""
-  path = pathlib.Path(workdir) / CONFIG_FILE
+  path = storage.path(workdir) / CONFIG_FILE
   if not path.is_file():
     return None, None
   try:
@@ -233,6 +234,12 @@ def _style(ax, xlabel: str) -> None:
   ax.grid(alpha=0.3)
 
 
+def save_figure(figure, path: str | pathlib.Path) -> None:
+  """`figure` as a PNG at `path`, local or in the cloud (matplotlib opens local files only)."""
+  with storage.path(path).open("wb") as file:
+    figure.savefig(file, format="png", dpi=100)
+
+
 def _panels(path: pathlib.Path, log: RunLog, names: Sequence[str], title: str,
             *, columns: int = 3, smooth: bool = True) -> None:
   figure, axes = _figure(len(names), columns=columns)
@@ -244,7 +251,7 @@ def _panels(path: pathlib.Path, log: RunLog, names: Sequence[str], title: str,
     if name in ("lr", "learning_rate"):
       ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
   figure.suptitle(title)
-  figure.savefig(path, dpi=100)
+  save_figure(figure, path)
 
 
 def _knn_plot(path: pathlib.Path, log: RunLog, names: Sequence[str], title: str) -> None:
@@ -260,7 +267,7 @@ def _knn_plot(path: pathlib.Path, log: RunLog, names: Sequence[str], title: str)
   ax.set_ylabel("accuracy (%)")
   ax.legend(fontsize=8)
   figure.suptitle(title)
-  figure.savefig(path, dpi=100)
+  save_figure(figure, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +377,7 @@ def write_report(workdir: str | pathlib.Path, *, title: str | None = None,
   Raises:
     ReportError: no workdir, no metrics.jsonl, or no readable record in it.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)
   log = read_metrics(workdir)
   config, config_note = read_config(workdir)
   groups = classify(log.names)
@@ -379,7 +386,7 @@ def write_report(workdir: str | pathlib.Path, *, title: str | None = None,
   notes = [config_note] if config_note else []
 
   last = log.records[-1]
-  title = title or f"Run report: {workdir.resolve().name}"
+  title = title or f"Run report: {workdir.name}"
   lines = _header(title, workdir)
 
   # The run.
@@ -426,7 +433,7 @@ def write_report(workdir: str | pathlib.Path, *, title: str | None = None,
 
   # Plots.
   lines += ["## Plots", ""]
-  run_name = workdir.resolve().name
+  run_name = workdir.name
   for filename, names, what in (
       ("losses.png", groups["losses"] + groups["norms"], "loss terms"),
       ("schedules.png", groups["schedules"], "schedules"),
@@ -491,7 +498,7 @@ def write_results_report(workdir: str | pathlib.Path, title: str,
   Raises:
     ReportError: no results.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)
   if isinstance(results, Mapping):
     rows = [{"name": name, **dict(row)} for name, row in results.items()]
   else:
@@ -528,7 +535,7 @@ def write_results_report(workdir: str | pathlib.Path, title: str,
       ax.set_title(name + (f"  ({bad} non-finite)" if bad else ""), fontsize=10)
       _style(ax, curve_x)
     figure.suptitle(title)
-    figure.savefig(plot, dpi=100)
+    save_figure(figure, plot)
     lines += ["## Curves", "", _link("curves", plot, workdir), ""]
   else:
     plot.unlink(missing_ok=True)
@@ -548,7 +555,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.report"
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-  parser.add_argument("--workdir", required=True, type=pathlib.Path,
+  parser.add_argument("--workdir", required=True, type=storage.argument,
                       help="a training run's workdir (holds metrics.jsonl)")
   parser.add_argument("--title", default=None, help="the report's heading")
   user_errors.add_debug_flag(parser)

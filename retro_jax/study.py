@@ -40,6 +40,7 @@ from typing import Any
 
 import ml_collections
 
+from retro_jax import storage
 from retro_jax.export import STAGES_JSON  # the file `export` reads (export imports no JAX)
 from retro_jax.user_errors import UserError
 
@@ -238,7 +239,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   from retro_jax.train import run_record  # pylint: disable=g-import-not-at-top
   started = time.perf_counter()
   _check(config)
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = storage.path(workdir)  # local (absolute) or gs://...
   changes = _check_rerun(config, workdir, allow_config_change=allow_config_change)
   workdir.mkdir(parents=True, exist_ok=True)
   timings = Timings(workdir)

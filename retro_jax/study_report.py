@@ -210,7 +210,7 @@ def _knn_curves(by_arm: Mapping[str, list[report.RunLog]], path: pathlib.Path) -
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   figure.suptitle("k-NN monitor over training (shaded: min-max over seeds)")
-  figure.savefig(path, dpi=100)
+  report.save_figure(figure, path)
 
 
 def _accuracy_bars(config, data: list[dict[str, Any]], path: pathlib.Path) -> None:
@@ -237,7 +237,7 @@ def _accuracy_bars(config, data: list[dict[str, Any]], path: pathlib.Path) -> No
   ax.grid(alpha=0.3, axis="y")
   ax.legend(fontsize=8)
   figure.suptitle("final accuracy (error bars: 95 % interval over seeds)")
-  figure.savefig(path, dpi=100)
+  report.save_figure(figure, path)
 
 
 def _timings_lines(timings: Mapping[str, float]) -> list[str]:

@@ -24,6 +24,7 @@ import sys
 from typing import Any
 
 from retro_jax import output_paths
+from retro_jax import storage
 from retro_jax import user_errors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.convert
                       choices=("torchvision", "timm", "moco", "dino", "msn", "swav",
                                "ibot"))
   parser.add_argument("--arch", required=True, help="registered backbone name, e.g. resnet50")
-  parser.add_argument("--out", required=True, type=pathlib.Path, help="model directory to write")
+  parser.add_argument("--out", required=True, type=storage.argument,
+                      help="model directory to write (local or gs://...)")
   parser.add_argument("--mean", type=_floats3, default=IMAGENET_MEAN,
                       help="input normalisation mean, R,G,B (default: ImageNet's)")
   parser.add_argument("--std", type=_floats3, default=IMAGENET_STD,

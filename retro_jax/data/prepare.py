@@ -136,13 +136,13 @@ def unreachable(hosts: list[tuple[str, int]], timeout: float = CONNECT_TIMEOUT_S
   return None
 
 
-def _summary(builder, built: bool, source: str | None) -> Prepared:
+def summary(builder, built: bool, source: str | None) -> Prepared:
   return Prepared(name=builder.name, version=str(builder.version), data_dir=str(builder.data_dir),
                   splits={s: info.num_examples for s, info in builder.info.splits.items()},
                   built=built, source=source)
 
 
-def _counts(prepared: Prepared) -> str:
+def counts(prepared: Prepared) -> str:
   return ", ".join(f"{split} {n:,}" for split, n in prepared.splits.items())
 
 
@@ -197,9 +197,9 @@ def prepare(name: str, *, data_dir: str | os.PathLike | None = None,
 
   builder = tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir))
   if not force and builder.data_path.exists() and builder.is_prepared():
-    prepared = _summary(builder, built=False, source=None)
+    prepared = summary(builder, built=False, source=None)
     log(f"{name} {prepared.version} is already prepared in {prepared.data_dir} "
-        f"({_counts(prepared)}); nothing to do (--force rebuilds it).")
+        f"({counts(prepared)}); nothing to do (--force rebuilds it).")
     return prepared
 
   output_paths.check_directory(
@@ -244,9 +244,9 @@ def prepare(name: str, *, data_dir: str | os.PathLike | None = None,
         raise  # Local files were verified before: this is not a download problem.
       raise PrepareError(f"downloading {name} failed: {error}\n{the_recipe.how_to_get}") from None
 
-  prepared = _summary(builder, built=True,
+  prepared = summary(builder, built=True,
                       source="download" if manual_dir is None else str(source))
   root = "" if data_dir is None else f", data_dir={os.fspath(data_dir)!r}"
-  log(f"{name}: done in {time.perf_counter() - start:.0f} s: {_counts(prepared)} examples in "
+  log(f"{name}: done in {time.perf_counter() - start:.0f} s: {counts(prepared)} examples in "
       f"{prepared.data_dir}\nread it with tfds.load({name!r}{root}, download=False)")
   return prepared

@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from retro_jax import output_paths
+from retro_jax import storage
 from retro_jax import user_errors
 
 PROTOCOLS = ("knn", "linear")
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.evaluat
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-  parser.add_argument("--checkpoint", required=True, type=pathlib.Path,
+  parser.add_argument("--checkpoint", required=True, type=storage.argument,
                       help="a retro_jax model directory (converted, trained or exported)")
   parser.add_argument("--dataset", required=True, help="tfds:NAME[:VERSION] or folder:PATH")
   parser.add_argument("--data-dir", default=None, help="the TFDS data directory")
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.evaluat
   parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                       help="images per forward pass (a multiple of the device count)")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--out", type=pathlib.Path, default=None,
+  parser.add_argument("--out", type=storage.argument, default=None,
                       help="write results.json here (and cache features in OUT/features)")
   parser.add_argument("--no-cache", action="store_true", help="do not cache features")
   user_errors.add_debug_flag(parser)
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.evaluat
   print(format_table(rows), flush=True)
   if args.out is not None:
     args.out.mkdir(parents=True, exist_ok=True)
-    document = {"checkpoint": str(args.checkpoint.absolute()), "dataset": args.dataset,
+    document = {"checkpoint": str(args.checkpoint), "dataset": args.dataset,
                 "data_dir": args.data_dir, "train_split": args.train_split,
                 "test_split": args.test_split, "image_size": args.image_size,
                 "seconds": time.perf_counter() - started, "results": rows}

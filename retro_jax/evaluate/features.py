@@ -46,6 +46,7 @@ import numpy as np
 from flax import nnx
 
 from retro_jax import checkpoint
+from retro_jax import storage
 from retro_jax.data import pipeline as pipeline_lib
 from retro_jax.data import presets
 from retro_jax.data import sources
@@ -160,10 +161,16 @@ def eval_batches(source: sources.Source, augmentation: presets.Augmentation, *,
            "mask": put(mask)}
 
 
-def _model_fingerprint(model_dir: pathlib.Path) -> dict[str, Any]:
+def _model_fingerprint(model_dir: storage.Path) -> dict[str, Any]:
   json_text = (model_dir / checkpoint.MODEL_JSON).read_text()
-  stamps = sorted((str(p.relative_to(model_dir)), p.stat().st_mtime_ns, p.stat().st_size)
-                  for p in (model_dir / checkpoint.STATE_DIR).rglob("*") if p.is_file())
+  state = model_dir / checkpoint.STATE_DIR
+  if storage.is_local(model_dir):  # Nanosecond times: a model rewritten within a second.
+    local = pathlib.Path(model_dir)
+    stamps = sorted((str(p.relative_to(local)), p.stat().st_mtime_ns, p.stat().st_size)
+                    for p in (local / checkpoint.STATE_DIR).rglob("*") if p.is_file())
+  else:  # Cloud objects have times in seconds.
+    stamps = sorted((f"{checkpoint.STATE_DIR}/{name}", (state / name).stat().mtime,
+                     (state / name).stat().length) for name in storage.files(state))
   return {"model_json": hashlib.sha256(json_text.encode()).hexdigest(),
           "weights": hashlib.sha256(json.dumps(stamps).encode()).hexdigest()}
 
@@ -190,7 +197,7 @@ class FeatureExtractor:
       ModelDirectoryError: not a model directory.
     """
     self.which = check_which(which)
-    self.model_dir = pathlib.Path(model_dir).absolute()
+    self.model_dir = storage.path(model_dir)
     model, self.description = checkpoint.load_model(self.model_dir)
     if "embedding" in self.which and model.head is None:
       raise FeatureError(
@@ -220,11 +227,11 @@ class FeatureExtractor:
   def _cache_path(self, cache_dir, dataset: str, split: str, data_dir) -> pathlib.Path:
     key = {"version": _CACHE_VERSION, "model_dir": str(self.model_dir),
            **_model_fingerprint(self.model_dir), "dataset": dataset, "split": split,
-           "data_dir": None if data_dir is None else str(pathlib.Path(data_dir).absolute()),
+           "data_dir": None if data_dir is None else str(storage.path(data_dir)),
            "view": repr(self.augmentation), "which": list(self.which)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     safe_split = "".join(c if c.isalnum() else "_" for c in split)
-    return pathlib.Path(cache_dir) / f"features_{safe_split}_{'+'.join(self.which)}_{digest}.npz"
+    return storage.path(cache_dir) / f"features_{safe_split}_{'+'.join(self.which)}_{digest}.npz"
 
   def extract(self, dataset: str, split: str | None, *, data_dir: str | os.PathLike | None = None,
               cache_dir: str | os.PathLike | None = None
@@ -241,7 +248,7 @@ class FeatureExtractor:
     if cache_dir is not None:
       path = self._cache_path(cache_dir, dataset, split or "", data_dir)
       if path.is_file():
-        with np.load(path) as cached:
+        with path.open("rb") as file, np.load(file) as cached:
           log.info("features of %s %s from the cache %s", dataset, split, path)
           self.last_skipped = int(cached["skipped"])
           return {name: cached[name] for name in self.which}, cached["labels"]
@@ -257,8 +264,9 @@ class FeatureExtractor:
     if path is not None and jax.process_index() == 0:
       path.parent.mkdir(parents=True, exist_ok=True)
       temporary = path.with_suffix(".tmp.npz")
-      np.savez(temporary, labels=labels, skipped=self.last_skipped, **parts)
-      os.replace(temporary, path)  # Atomic: a killed run leaves no half-written cache entry.
+      with temporary.open("wb") as file:
+        np.savez(file, labels=labels, skipped=self.last_skipped, **parts)
+      temporary.replace(path)  # Atomic: a killed run leaves no half-written cache entry.
     return parts, labels
 
   def _width(self, name: str, total: int) -> int:

@@ -41,6 +41,7 @@ from flax import nnx
 
 from retro_jax import checkpoint
 from retro_jax import report
+from retro_jax import storage
 from retro_jax.data import pipeline as pipeline_lib
 from retro_jax.data import sources
 from retro_jax.data.presets import Augmentation
@@ -174,7 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   A resume with a changed training-relevant config is refused unless `allow_config_change`
   (retro_jax/train/run_record.py).
   """
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = storage.path(workdir)  # local (absolute) or gs://...
   workdir.mkdir(parents=True, exist_ok=True)
   _check_init_checkpoint(config)
   mesh = mesh_lib.make_mesh()
@@ -223,7 +224,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         f"features {config.features}): {count:,} trainable parameters, {num_classes} classes, "
         f"{total_steps} steps of {global_batch}", flush=True)
 
-  identity = {"init_checkpoint": str(pathlib.Path(config.init_checkpoint).absolute()),
+  identity = {"init_checkpoint": str(storage.path(config.init_checkpoint)),
               "freeze_backbone": frozen, "features": config.features}
   checkpoints = checkpoint.TrainCheckpoints(workdir, every_steps=config.checkpoint_every_steps,
                                             keep=config.keep_checkpoints)
@@ -335,11 +336,12 @@ def _save(workdir: pathlib.Path, model: Classifier, description: dict[str, Any],
   out = workdir / "finetuned"
   info = {"input": description.get("input"),
           "source": {"format": "retro_jax.finetune", "init_checkpoint":
-                     str(pathlib.Path(config.init_checkpoint).absolute()), "step": step,
+                     str(storage.path(config.init_checkpoint)), "step": step,
                      "freeze_backbone": bool(config.freeze_backbone)},
           "classifier": {"file": CLASSIFIER_FILE, "features": config.features,
                          "num_classes": num_classes}}
   checkpoint.save_model(out, model.encoder, spec, info, overwrite=True)
-  np.savez(out / CLASSIFIER_FILE, kernel=np.asarray(model.fc.kernel.get_value()),
-           bias=np.asarray(model.fc.bias.get_value()))
+  with (out / CLASSIFIER_FILE).open("wb") as file:
+    np.savez(file, kernel=np.asarray(model.fc.kernel.get_value()),
+             bias=np.asarray(model.fc.bias.get_value()))
   print(f"fine-tuned model: {out} (+ {CLASSIFIER_FILE})", flush=True)

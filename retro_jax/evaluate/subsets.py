@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from retro_jax import storage
 from retro_jax.data import sources
 from retro_jax.user_errors import UserError
 
@@ -170,7 +171,8 @@ def subset_source(source: sources.Source, ids: Sequence[int] | np.ndarray,
   import hashlib  # pylint: disable=g-import-not-at-top
   tf = sources.tf
   digest = hashlib.sha256(repr((str(source), ids.tobytes())).encode()).hexdigest()[:16]
-  path = pathlib.Path(workdir).absolute() / f"subset-{digest}.tfrecord"
+  # TensorFlow writes and reads it, gs:// included (storage.path keeps the URI).
+  path = storage.path(workdir) / f"subset-{digest}.tfrecord"
   if not path.is_file():
     path.parent.mkdir(parents=True, exist_ok=True)
     chosen = np.zeros(source.num_examples, bool)
@@ -182,7 +184,7 @@ def subset_source(source: sources.Source, ids: Sequence[int] | np.ndarray,
     with tf.io.TFRecordWriter(str(temporary)) as writer:
       for record in records.as_numpy_iterator():
         writer.write(record)
-    os.replace(temporary, path)
+    temporary.replace(path)
   return dataclasses.replace(
       source, split=f"{source.split} ({len(ids)} examples, {path.name})",
       spans=(sources.Span(str(path), 0, len(ids), 0),))

@@ -23,6 +23,7 @@ from flax import nnx
 
 from retro_jax import checkpoint
 from retro_jax import report
+from retro_jax import storage
 from retro_jax.data import pipeline as pipeline_lib
 from retro_jax.data import sources
 from retro_jax.data.presets import Augmentation
@@ -183,7 +184,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   checkpoint's (`run_record`), unless `allow_config_change` (the config only). The run's record
   (config.json, config_changes.jsonl) is written once every check has passed.
   """
-  workdir = pathlib.Path(workdir).absolute()
+  workdir = storage.path(workdir)  # local (absolute) or gs://...
   workdir.mkdir(parents=True, exist_ok=True)
 
   # Devices and batch layout.

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import datetime
 import json
-import pathlib
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
+from retro_jax import storage
 from retro_jax.data.tf_runtime import import_tensorflow
 
 
 class Progress:
   """Logs a run's metrics; `update` after every step, `close` at the end."""
 
-  def __init__(self, workdir: pathlib.Path, *, total_steps: int, steps_per_epoch: int,
+  def __init__(self, workdir: storage.Path, *, total_steps: int, steps_per_epoch: int,
                global_batch: int, every: int, schedules: dict[str, Callable[[int], Any]]):
     self.total_steps = total_steps
     self.steps_per_epoch = steps_per_epoch
@@ -35,9 +35,13 @@ class Progress:
     self.active = jax.process_index() == 0
     if not self.active:
       return
-    self._jsonl = open(pathlib.Path(workdir) / "metrics.jsonl", "a", encoding="utf-8")
+    workdir = storage.path(workdir)
+    self._jsonl = (workdir / "metrics.jsonl").open("a", encoding="utf-8")
     tf = import_tensorflow()
-    self._writer = tf.summary.create_file_writer(str(pathlib.Path(workdir) / "tensorboard"))
+    # Written locally and uploaded on each flush when the workdir is not local: TensorFlow's
+    # writer knows gs:// but not s3://, az:// or hf://.
+    self._tensorboard = storage.LocalMirror(workdir / "tensorboard")
+    self._writer = tf.summary.create_file_writer(str(self._tensorboard.local))
     self._tf = tf
     self._last_time = None
     self._last_step = None
@@ -69,6 +73,7 @@ class Progress:
         if name != "step":
           self._tf.summary.scalar(name, value)
     self._writer.flush()
+    self._tensorboard.sync()
     print(self._line(step, epoch, rate, values, skipped), flush=True)
 
   def _line(self, step, epoch, rate, values, skipped) -> str:
@@ -87,3 +92,4 @@ class Progress:
       return
     self._jsonl.close()
     self._writer.close()
+    self._tensorboard.close()

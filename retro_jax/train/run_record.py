@@ -28,11 +28,11 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import pathlib
 from typing import Any
 
 import ml_collections
 
+from retro_jax import storage
 from retro_jax.user_errors import UserError
 
 CONFIG_JSON = "config.json"
@@ -138,19 +138,19 @@ class ResumeRecord:
     self._changes[step] = changes_on_resume(self.config, record, allow=self.allow_change,
                                             step=step)
 
-  def write(self, workdir: pathlib.Path, start_step: int) -> pathlib.Path:
+  def write(self, workdir: storage.Path, start_step: int) -> storage.Path:
     if start_step == 0:
       return write_first(workdir, self.config)
     return append_changes(workdir, self._changes.get(start_step), step=start_step)
 
 
-def recorded_config(workdir: pathlib.Path) -> dict[str, Any] | None:
+def recorded_config(workdir: storage.Path) -> dict[str, Any] | None:
   """The flattened config of the last start recorded in `workdir` (config.json with every
   change of config_changes.jsonl applied), or None when there is no config.json."""
-  path = pathlib.Path(workdir) / CONFIG_JSON
+  path = storage.path(workdir) / CONFIG_JSON
   if not path.is_file():
     return None
-  changes = pathlib.Path(workdir) / CHANGES_JSONL
+  changes = storage.path(workdir) / CHANGES_JSONL
   try:
     flat = flatten(json.loads(path.read_text(encoding="utf-8")))
     for line in changes.read_text(encoding="utf-8").splitlines() if changes.is_file() else ():
@@ -163,17 +163,17 @@ def recorded_config(workdir: pathlib.Path) -> dict[str, Any] | None:
   return flat
 
 
-def write_first(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> pathlib.Path:
+def write_first(workdir: storage.Path, config: ml_collections.ConfigDict) -> storage.Path:
   """Records a first start (nothing to resume) that passed every check: config.json, and no
   change log of an earlier start that never saved a checkpoint."""
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)
   (workdir / CHANGES_JSONL).unlink(missing_ok=True)
   (workdir / CONFIG_JSON).write_text(config_text(config) + "\n")
   return workdir / CONFIG_JSON
 
 
-def append_changes(workdir: pathlib.Path, changes: dict[str, dict[str, Any]] | None, *,
-                   step: int | None) -> pathlib.Path:
+def append_changes(workdir: storage.Path, changes: dict[str, dict[str, Any]] | None, *,
+                   step: int | None) -> storage.Path:
   """Records a later start that passed every check: its `changes` (None: unknown) and the
   `step` they take effect from (None: a study, which has no step of its own)."""
   entry: dict[str, Any] = {} if step is None else {"step": step}
@@ -181,7 +181,7 @@ def append_changes(workdir: pathlib.Path, changes: dict[str, dict[str, Any]] | N
   entry["changes"] = changes if changes is not None else {}
   if changes is None:
     entry["note"] = "the resumed checkpoint records no config: changes unknown"
-  path = pathlib.Path(workdir) / CHANGES_JSONL
-  with open(path, "a", encoding="utf-8") as log:
+  path = storage.path(workdir) / CHANGES_JSONL
+  with path.open("a", encoding="utf-8") as log:
     log.write(json.dumps(entry) + "\n")
   return path

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
 from typing import Any
 
 import jax
@@ -51,6 +50,7 @@ import numpy as np
 from flax import nnx
 
 from retro_jax import checkpoint
+from retro_jax import storage
 from retro_jax.data import device_ops
 from retro_jax.models.encoder import Encoder
 from retro_jax.models.encoder import EncoderSpec
@@ -90,7 +90,7 @@ def load_teacher(config: ml_collections.ConfigDict, *, needs_teacher: bool
     teacher_input = _checkpoint_input(description, student, teacher_config.checkpoint)
     teacher, description = checkpoint.load_model(teacher_config.checkpoint)
     source = description.get("source", {})
-    identity = {"checkpoint": str(pathlib.Path(teacher_config.checkpoint).absolute()),
+    identity = {"checkpoint": str(storage.path(teacher_config.checkpoint)),
                 "sha256": source.get("sha256") if isinstance(source, dict) else None,
                 # The directory's content: rewritten in place, it is another teacher.
                 "content_sha256": checkpoint.content_digest(teacher_config.checkpoint),
