@@ -7,6 +7,11 @@ Command (a TPU or GPU host; convert the teacher first):
     python -m retro_jax.main --config configs/effb0.py --workdir runs/effb0 \
         --config.teacher.checkpoint=teachers/mocov2_r50
 
+Precision: float32 throughout by default. On a TPU or a GPU with bfloat16 tensor cores (NVIDIA
+Ampere and later) add `--config.student.dtype=bfloat16` (mixed precision: float32 parameters
+and optimiser state, bfloat16 activations, float32 losses; retro_jax/train/precision.py) and
+`--config.teacher.dtype=bfloat16` (the frozen teacher in bfloat16). On a CPU neither gains.
+
 Teacher: the MoCo-v2 ResNet-50 after 200 epochs that DisCo released
 (`ResNet50-checkpoint_0199.pth.tar`, DisCo-pytorch README.md line 32) and that DisCo's command
 for this pair loads (Reproduction.md line 68: `--teacher_arch resnet50 --teacher

@@ -57,7 +57,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def _conv(in_features: int, out_features: int, kernel: int, *, use_bias: bool = False,
-          rngs: nnx.Rngs) -> Conv:
+          dtype: Any, rngs: nnx.Rngs) -> Conv:
   pad = kernel // 2
   bias_bound = 1.0 / math.sqrt(in_features * kernel * kernel)
 
@@ -65,12 +65,13 @@ def _conv(in_features: int, out_features: int, kernel: int, *, use_bias: bool = 
     return jax.random.uniform(key, shape, dtype, -bias_bound, bias_bound)
 
   return Conv(in_features, out_features, (kernel, kernel), padding=((pad, pad), (pad, pad)),
-              use_bias=use_bias, kernel_init=_TORCH_CONV_INIT, bias_init=bias_init, rngs=rngs)
+              use_bias=use_bias, kernel_init=_TORCH_CONV_INIT, bias_init=bias_init,
+              dtype=dtype, rngs=rngs)
 
 
-def _batch_norm(features: int, *, rngs: nnx.Rngs) -> BatchNorm:
+def _batch_norm(features: int, *, dtype: Any, rngs: nnx.Rngs) -> BatchNorm:
   return BatchNorm(features, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
-                   use_fast_variance=False, rngs=rngs)
+                   use_fast_variance=False, dtype=dtype, rngs=rngs)
 
 
 class InvertedResidualAdapter(nnx.Module):
@@ -83,7 +84,7 @@ class InvertedResidualAdapter(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int, *, expansion: float = 2.0,
-               activation: str = "silu", rngs: nnx.Rngs):
+               activation: str = "silu", dtype: Any = None, rngs: nnx.Rngs):
     """Builds the block.
 
     Args:
@@ -93,6 +94,8 @@ class InvertedResidualAdapter(nnx.Module):
         of 8 as timm does (a no-op for the students' widths).
       activation: 'silu' (Retro's default), 'hard_mish' (Retro's MobileNetV3 pre-training),
         'hard_swish' (its MobileNetV3 linear evaluation) or 'relu'.
+      dtype: computation dtype (e.g. jnp.bfloat16); parameters and batch statistics stay
+        float32. None: the input's.
       rngs: initialisation randomness.
     """
     if activation not in ACTIVATIONS:
@@ -101,12 +104,13 @@ class InvertedResidualAdapter(nnx.Module):
     hidden = make_divisible(in_features * expansion)
     self.in_features, self.out_features = in_features, out_features
     self.activation = activation
-    self.conv_pw = _conv(in_features, hidden, 1, rngs=rngs)
-    self.bn1 = _batch_norm(hidden, rngs=rngs)
-    self.conv_dw = DepthwiseConv(hidden, 3, 1, 1, kernel_init=_TORCH_CONV_INIT, rngs=rngs)
-    self.bn2 = _batch_norm(hidden, rngs=rngs)
-    self.conv_pwl = _conv(hidden, out_features, 1, rngs=rngs)
-    self.bn3 = _batch_norm(out_features, rngs=rngs)
+    precision = dict(dtype=dtype, rngs=rngs)
+    self.conv_pw = _conv(in_features, hidden, 1, **precision)
+    self.bn1 = _batch_norm(hidden, **precision)
+    self.conv_dw = DepthwiseConv(hidden, 3, 1, 1, kernel_init=_TORCH_CONV_INIT, **precision)
+    self.bn2 = _batch_norm(hidden, **precision)
+    self.conv_pwl = _conv(hidden, out_features, 1, **precision)
+    self.bn3 = _batch_norm(out_features, **precision)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """(B, H, W, C_s) -> (B, H, W, C_t)."""
@@ -120,25 +124,27 @@ class SimKDAdapter(TorchSequential):
   """SimKD's `transfer` bottleneck: (1x1, BN, ReLU), (3x3, BN, ReLU), (1x1, BN, ReLU)."""
 
   def __init__(self, in_features: int, out_features: int, *, hidden_features: int | None = None,
-               rngs: nnx.Rngs):
+               dtype: Any = None, rngs: nnx.Rngs):
     """Builds the bottleneck.
 
     Args:
       in_features: student channels C_s.
       out_features: teacher width C_t.
       hidden_features: bottleneck width; SimKD's default C_t // 2 (`factor=2`).
+      dtype: computation dtype, as `InvertedResidualAdapter`'s.
       rngs: initialisation randomness.
     """
     hidden = out_features // 2 if hidden_features is None else hidden_features
+    precision = dict(dtype=dtype, rngs=rngs)
     super().__init__([
-        ("0", _conv(in_features, hidden, 1, rngs=rngs)),
-        ("1", _batch_norm(hidden, rngs=rngs)),
+        ("0", _conv(in_features, hidden, 1, **precision)),
+        ("1", _batch_norm(hidden, **precision)),
         ("2", jax.nn.relu),
-        ("3", _conv(hidden, hidden, 3, rngs=rngs)),
-        ("4", _batch_norm(hidden, rngs=rngs)),
+        ("3", _conv(hidden, hidden, 3, **precision)),
+        ("4", _batch_norm(hidden, **precision)),
         ("5", jax.nn.relu),
-        ("6", _conv(hidden, out_features, 1, rngs=rngs)),
-        ("7", _batch_norm(out_features, rngs=rngs)),
+        ("6", _conv(hidden, out_features, 1, **precision)),
+        ("7", _batch_norm(out_features, **precision)),
         ("8", jax.nn.relu),
     ])
     self.in_features, self.out_features = in_features, out_features
@@ -148,18 +154,20 @@ class Conv1x1Adapter(nnx.Module):
   """A 1x1 convolution `conv` to the teacher width, then BN `bn` (or a bias instead)."""
 
   def __init__(self, in_features: int, out_features: int, *, batch_norm: bool = True,
-               rngs: nnx.Rngs):
+               dtype: Any = None, rngs: nnx.Rngs):
     """Builds the layer.
 
     Args:
       in_features: student channels C_s.
       out_features: teacher width C_t.
       batch_norm: follow the convolution with BN; without it the convolution has a bias.
+      dtype: computation dtype, as `InvertedResidualAdapter`'s.
       rngs: initialisation randomness.
     """
     self.in_features, self.out_features = in_features, out_features
-    self.conv = _conv(in_features, out_features, 1, use_bias=not batch_norm, rngs=rngs)
-    self.bn = _batch_norm(out_features, rngs=rngs) if batch_norm else None
+    self.conv = _conv(in_features, out_features, 1, use_bias=not batch_norm, dtype=dtype,
+                      rngs=rngs)
+    self.bn = _batch_norm(out_features, dtype=dtype, rngs=rngs) if batch_norm else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """(B, H, W, C_s) -> (B, H, W, C_t)."""
@@ -183,7 +191,7 @@ def create_adapter(kind: str, in_width: int, out_width: int, *, rngs: nnx.Rngs,
     in_width: student feature-map channels.
     out_width: the teacher head's input width.
     rngs: initialisation randomness.
-    **kwargs: options of the variant's class (e.g. `activation='hard_mish'`).
+    **kwargs: options of the variant's class (e.g. `activation='hard_mish'`, `dtype`).
 
   Returns:
     An NNX module mapping (B, H, W, in_width) to (B, H, W, out_width).

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -245,6 +245,9 @@ def _kernel_grad_chunk(x: jax.Array, g: jax.Array, kh: int, kw: int, stride: int
   groups = out_h // rows
   xp = _pad(x, (padding, stride * (out_h - 1) + kh - x.shape[1] - padding),
             (padding, stride * (out_w - 1) + kw - x.shape[2] - padding))
+  # A sum over the batch and the map: accumulated in float32 whatever the inputs' dtype, as
+  # XLA's own convolutions accumulate bfloat16 products (a no-op for float32 inputs).
+  accumulate = jnp.promote_types(g.dtype, jnp.float32)
   taps = []
   for u in range(kh):
     for v in range(kw):
@@ -252,7 +255,7 @@ def _kernel_grad_chunk(x: jax.Array, g: jax.Array, kh: int, kw: int, stride: int
       for r in range(rows):
         # Output rows r, r + rows, ...: input rows u + s*r, u + s*(r + rows), ...
         term = (_window(xp, u + stride * r, v, groups, out_w, stride * rows, stride)
-                * _window(g, r, 0, groups, out_w, rows, 1))
+                .astype(accumulate) * _window(g, r, 0, groups, out_w, rows, 1).astype(accumulate))
         partial = term if partial is None else partial + term
       taps.append(partial)
   return jnp.stack(taps).sum(axis=(1, 2, 3)).reshape(kh, kw, 1, channels)
@@ -265,15 +268,15 @@ def _kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int, stride: int,
   per_image = (math.prod(x.shape[1:]) + math.prod(g.shape[1:])) * x.dtype.itemsize
   chunk = _largest_divisor_at_most(batch, _KERNEL_GRAD_CHUNK_BYTES // per_image)
   if chunk == batch:
-    return _kernel_grad_chunk(x, g, kh, kw, stride, padding)
+    return _kernel_grad_chunk(x, g, kh, kw, stride, padding).astype(g.dtype)
 
   def step(total, chunk_xg):
     return total + _kernel_grad_chunk(*chunk_xg, kh, kw, stride, padding), None
 
   chunks = (x.reshape(batch // chunk, chunk, *x.shape[1:]),
             g.reshape(batch // chunk, chunk, *g.shape[1:]))
-  total = jnp.zeros((kh, kw, 1, x.shape[3]), g.dtype)
-  return jax.lax.scan(step, total, chunks)[0]
+  total = jnp.zeros((kh, kw, 1, x.shape[3]), jnp.promote_types(g.dtype, jnp.float32))
+  return jax.lax.scan(step, total, chunks)[0].astype(g.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -302,11 +305,15 @@ depthwise_conv_shifted.defvjp(_shifted_fwd, _shifted_bwd)
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0,
-                   implementation: Implementation = "auto") -> jax.Array:
-  """Depthwise convolution of NHWC `x` with a (kh, kw, 1, C) kernel, by `implementation`."""
+                   implementation: Implementation = "auto", dtype: Any = None) -> jax.Array:
+  """Depthwise convolution of NHWC `x` with a (kh, kw, 1, C) kernel, by `implementation`.
+
+  `dtype`: the computation dtype both are cast to; None promotes them, as nnx.Conv does
+  (bfloat16 input, float32 kernel -> float32).
+  """
   if x.shape[-1] != kernel.shape[-1] or kernel.shape[2] != 1:
     raise ValueError(f"kernel of shape {kernel.shape} is not depthwise for input {x.shape}")
-  dtype = jnp.result_type(x, kernel)  # As nnx.Conv promotes (bf16 input, f32 kernel -> f32).
+  dtype = jnp.result_type(x, kernel) if dtype is None else dtype
   x, kernel = x.astype(dtype), kernel.astype(dtype)
   if resolve_implementation(implementation) == "grouped":
     return depthwise_conv_grouped(x, kernel, stride, padding)
@@ -327,7 +334,7 @@ class DepthwiseConv(nnx.Module):
   def __init__(self, channels: int, kernel_size: int, stride: int = 1,
                padding: int | None = None, *, use_bias: bool = False,
                implementation: Implementation = "auto",
-               kernel_init: nnx.Initializer = default_kernel_init,
+               kernel_init: nnx.Initializer = default_kernel_init, dtype: Any = None,
                rngs: nnx.Rngs):
     """Builds the layer.
 
@@ -340,6 +347,9 @@ class DepthwiseConv(nnx.Module):
       use_bias: whether to add a per-channel bias (initialised to zero).
       implementation: see the class docstring.
       kernel_init: initialiser of the (kh, kw, 1, channels) kernel.
+      dtype: computation dtype (e.g. jnp.bfloat16: input and kernel are cast to it, the
+        output has it); None promotes input and kernel, as nnx.Conv. The parameters stay
+        float32.
       rngs: random generators; `rngs.params()` draws the kernel.
     """
     resolve_implementation(implementation)  # Fail at construction on a typo.
@@ -348,6 +358,7 @@ class DepthwiseConv(nnx.Module):
     self.stride = stride
     self.padding = kernel_size // 2 if padding is None else padding
     self.implementation = implementation
+    self.dtype = dtype
     self.kernel = nnx.Param(
         kernel_init(rngs.params(), (kernel_size, kernel_size, 1, channels), jnp.float32))
     self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32)) if use_bias else None
@@ -356,7 +367,8 @@ class DepthwiseConv(nnx.Module):
     """Applies the convolution to NHWC `x` of `channels` channels."""
     if x.shape[-1] != self.channels:
       raise ValueError(f"expected {self.channels} input channels, got shape {x.shape}")
-    y = depthwise_conv(x, self.kernel[...], self.stride, self.padding, self.implementation)
+    y = depthwise_conv(x, self.kernel[...], self.stride, self.padding, self.implementation,
+                       self.dtype)
     if self.bias is not None:
-      y = y + self.bias[...]
+      y = y + self.bias[...].astype(y.dtype)
     return y

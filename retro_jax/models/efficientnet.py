@@ -75,7 +75,7 @@ class ConvNormAct(nnx.List):
                   use_bias=False, kernel_init=CONV_INIT, dtype=dtype, rngs=rngs)
     elif groups == in_channels == out_channels:
       conv = DepthwiseConv(in_channels, kernel_size, stride, pad, kernel_init=CONV_INIT,
-                           rngs=rngs)
+                           dtype=dtype, rngs=rngs)
     else:
       raise ValueError(f"only dense or depthwise convolutions, got groups={groups} for "
                        f"{in_channels}->{out_channels} channels")
@@ -195,7 +195,7 @@ class EfficientNet(nnx.Module):
         train mode.
       in_channels: image channels.
       dtype: computation dtype (e.g. jnp.bfloat16); parameters and batch statistics stay
-        float32. Depthwise convolutions compute in float32.
+        float32.
       rngs: initialisation and stochastic-depth randomness.
     """
     stages = stage_configs(width_mult, depth_mult)

@@ -62,21 +62,23 @@ def _uniform(bound: float) -> nnx.Initializer:
 
 
 def torch_default_linear(in_features: int, out_features: int, *, use_bias: bool = True,
-                         rngs: nnx.Rngs) -> nnx.Linear:
-  """An nnx.Linear initialised like a fresh torch nn.Linear (weight and bias U(+-1/sqrt(in)))."""
+                         dtype: Any = None, rngs: nnx.Rngs) -> nnx.Linear:
+  """An nnx.Linear initialised like a fresh torch nn.Linear (weight and bias U(+-1/sqrt(in)));
+  `dtype` is its computation dtype (parameters stay float32)."""
   return nnx.Linear(in_features, out_features, use_bias=use_bias,
                     kernel_init=_TORCH_LINEAR_INIT,
-                    bias_init=_uniform(1.0 / math.sqrt(in_features)), rngs=rngs)
+                    bias_init=_uniform(1.0 / math.sqrt(in_features)), dtype=dtype, rngs=rngs)
 
 
-def _trunc_normal_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+def _trunc_normal_linear(in_features: int, out_features: int, *, dtype: Any = None,
+                         rngs: nnx.Rngs) -> nnx.Linear:
   return nnx.Linear(in_features, out_features, kernel_init=_TRUNC_NORMAL,
-                    bias_init=nnx.initializers.zeros, rngs=rngs)
+                    bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
 
 
-def _batch_norm(features: int, *, rngs: nnx.Rngs) -> BatchNorm:
+def _batch_norm(features: int, *, dtype: Any = None, rngs: nnx.Rngs) -> BatchNorm:
   return BatchNorm(features, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
-                   use_fast_variance=False, rngs=rngs)
+                   use_fast_variance=False, dtype=dtype, rngs=rngs)
 
 
 class TorchSequential(nnx.Module):
@@ -112,13 +114,15 @@ class MLPHead(TorchSequential):
   """
 
   def __init__(self, dims: Sequence[int], *, activation: str | None = "relu",
-               batch_norm: bool = False, rngs: nnx.Rngs):
+               batch_norm: bool = False, dtype: Any = None, rngs: nnx.Rngs):
     """Builds the head with torch's default Linear initialisation.
 
     Args:
       dims: widths (input, hidden..., output); at least two.
       activation: 'relu', 'gelu' or None, after every hidden layer (after its BN).
       batch_norm: a BatchNorm1d after every hidden Linear.
+      dtype: computation dtype (e.g. jnp.bfloat16; the output has it); parameters and batch
+        statistics stay float32. None: the input's.
       rngs: initialisation randomness.
     """
     if len(dims) < 2:
@@ -128,10 +132,10 @@ class MLPHead(TorchSequential):
                        f"{sorted(ACTIVATIONS)} or None")
     layers: list[Callable[[jax.Array], jax.Array]] = []
     for i, (width_in, width_out) in enumerate(zip(dims[:-1], dims[1:])):
-      layers.append(torch_default_linear(width_in, width_out, rngs=rngs))
+      layers.append(torch_default_linear(width_in, width_out, dtype=dtype, rngs=rngs))
       if i < len(dims) - 2:
         if batch_norm:
-          layers.append(_batch_norm(width_out, rngs=rngs))
+          layers.append(_batch_norm(width_out, dtype=dtype, rngs=rngs))
         if activation is not None:
           layers.append(ACTIVATIONS[activation])
     super().__init__([(str(i), layer) for i, layer in enumerate(layers)])
@@ -167,17 +171,20 @@ class WeightNormLinear(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int, *, fixed_norm: bool,
-               rngs: nnx.Rngs):
+               dtype: Any = None, rngs: nnx.Rngs):
     """Builds the layer like DINO: v as a fresh nn.Linear weight, g = 1.
 
     Args:
       in_features: input width.
       out_features: output width (prototypes).
       fixed_norm: hold `weight_g` in a `FrozenParam` (DINO's `norm_last_layer`).
+      dtype: computation dtype of the product (the weight is normalised in float32 first);
+        None: the input's and the weight's, promoted.
       rngs: initialisation randomness.
     """
     bound = 1.0 / math.sqrt(in_features)
     self.fixed_norm = fixed_norm
+    self.dtype = dtype
     self.weight_v = nnx.Param(
         _uniform(bound)(rngs.params(), (out_features, in_features), jnp.float32))
     gain_type = FrozenParam if fixed_norm else nnx.Param
@@ -192,7 +199,10 @@ class WeightNormLinear(nnx.Module):
     return g * v / jnp.sqrt(jnp.sum(jnp.square(v), axis=1, keepdims=True))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.matmul(x, self.weight().T)
+    weight = self.weight()
+    if self.dtype is not None:
+      x, weight = x.astype(self.dtype), weight.astype(self.dtype)
+    return jnp.matmul(x, weight.T)
 
 
 class DINOHead(nnx.Module):
@@ -206,7 +216,8 @@ class DINOHead(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, norm_last_layer: bool = True,
                num_layers: int = 3, hidden_features: int = 2048,
-               bottleneck_features: int = 256, batch_norm: bool = False, rngs: nnx.Rngs):
+               bottleneck_features: int = 256, batch_norm: bool = False, dtype: Any = None,
+               rngs: nnx.Rngs):
     """Builds the head with DINO's initialisation.
 
     Args:
@@ -218,24 +229,26 @@ class DINOHead(nnx.Module):
       hidden_features: width of the hidden layers.
       bottleneck_features: width of the L2-normalised bottleneck.
       batch_norm: BatchNorm1d after each hidden Linear (DINO's `use_bn`, used for ResNets).
+      dtype: computation dtype of every layer (e.g. jnp.bfloat16); parameters stay float32,
+        the bottleneck is L2-normalised in float32 and the logits come out in `dtype`.
       rngs: initialisation randomness.
     """
     num_layers = max(num_layers, 1)
     self.in_features, self.out_features = in_features, out_features
     if num_layers == 1:
-      self.mlp = _trunc_normal_linear(in_features, bottleneck_features, rngs=rngs)
+      self.mlp = _trunc_normal_linear(in_features, bottleneck_features, dtype=dtype, rngs=rngs)
     else:
       widths = [in_features] + [hidden_features] * (num_layers - 1) + [bottleneck_features]
       layers: list[Callable[[jax.Array], jax.Array]] = []
       for i in range(num_layers):
-        layers.append(_trunc_normal_linear(widths[i], widths[i + 1], rngs=rngs))
+        layers.append(_trunc_normal_linear(widths[i], widths[i + 1], dtype=dtype, rngs=rngs))
         if i < num_layers - 1:
           if batch_norm:
-            layers.append(_batch_norm(widths[i + 1], rngs=rngs))
+            layers.append(_batch_norm(widths[i + 1], dtype=dtype, rngs=rngs))
           layers.append(gelu)
       self.mlp = _numbered(layers)
     self.last_layer = WeightNormLinear(bottleneck_features, out_features,
-                                       fixed_norm=norm_last_layer, rngs=rngs)
+                                       fixed_norm=norm_last_layer, dtype=dtype, rngs=rngs)
 
   def embed(self, x: jax.Array) -> jax.Array:
     """The bottleneck projection before L2 normalisation, (..., bottleneck)."""
@@ -243,7 +256,10 @@ class DINOHead(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """(..., in) features -> (..., K) prototype logits."""
-    return self.last_layer(l2_normalize(self.embed(x)))
+    # The norm in float32 at least: a bfloat16 sum of squares over the bottleneck is coarse.
+    embedding = self.embed(x)
+    normalized = l2_normalize(embedding.astype(jnp.promote_types(embedding.dtype, jnp.float32)))
+    return self.last_layer(normalized.astype(embedding.dtype))
 
 
 class MSNHead(nnx.Module):

@@ -154,7 +154,7 @@ class MobileNetV3(nnx.Module):
         feature map becomes (B, 1, 1, 1280) for Large (1024 for Small).
       in_channels: image channels.
       dtype: computation dtype (e.g. jnp.bfloat16); parameters and batch statistics stay
-        float32. Depthwise convolutions compute in float32.
+        float32.
       rngs: initialisation randomness.
     """
     if variant not in BLOCKS:

@@ -51,6 +51,7 @@ from retro_jax.objectives import contrastive
 from retro_jax.objectives import disco
 from retro_jax.objectives import mocov2
 from retro_jax.objectives import retro
+from retro_jax.train import precision
 from retro_jax.train import teacher as teacher_lib
 
 METHODS = ("mocov2", "disco", "retro")
@@ -115,6 +116,8 @@ class ContrastiveMethod:
       its options (e.g. activation='hard_mish' for MobileNetV3, as the Retro code).
     bn_groups: batch-norm statistics over this many slices of the batch, with shuffle-BN for
       the key encoder when > 1 (the module docstring); 1: over the whole batch.
+    dtype: the student's precision, 'float32' or 'bfloat16' (retro_jax/train/precision.py):
+      backbone, head, adapter and momentum copies compute in it; embeddings leave in float32.
     stack_views: True: the student's two views (when both need its gradient) go through one
       forward of their concatenation, each still normalised by its own statistics; False
       (default): two forwards. The same mathematics; stacked compiles faster (one copy of
@@ -131,10 +134,12 @@ class ContrastiveMethod:
   adapter_kwargs: dict = dataclasses.field(default_factory=dict)
   bn_groups: int = 1
   stack_views: bool = False
+  dtype: str = "float32"
 
   def __post_init__(self):
     if self.name not in METHODS:
       raise ValueError(f"unknown contrastive method {self.name!r}; expected one of {METHODS}")
+    precision.compute_dtype(self.dtype)  # an unknown name fails here, before any build
     if (isinstance(self.bn_groups, bool) or not isinstance(self.bn_groups, int)
         or self.bn_groups < 1):
       raise ValueError(f"bn_groups must be a positive integer, got {self.bn_groups!r}")
@@ -145,8 +150,9 @@ class ContrastiveMethod:
 
   def build(self, teacher: nnx.Module | None, *, rngs: nnx.Rngs) -> ContrastiveStudent:
     """The student container, its momentum copies initialised as copies (MoCo)."""
-    backbone = create_backbone(self.student, rngs=rngs, **self.student_kwargs)
-    ema_backbone = create_backbone(self.student, rngs=rngs, **self.student_kwargs)
+    dtype = precision.compute_dtype(self.dtype)
+    backbone = create_backbone(self.student, rngs=rngs, dtype=dtype, **self.student_kwargs)
+    ema_backbone = create_backbone(self.student, rngs=rngs, dtype=dtype, **self.student_kwargs)
     _copy_weights(ema_backbone, backbone)
     _without_dropout(ema_backbone)
     head = ema_head = adapter = None
@@ -155,11 +161,12 @@ class ContrastiveMethod:
         raise ValueError("retro needs a teacher with a projection head (convert a MoCo-v2 "
                          "checkpoint with its fc head)")
       adapter = create_adapter(self.adapter, backbone.feature_width,
-                               teacher.head.in_features, rngs=rngs, **self.adapter_kwargs)
+                               teacher.head.in_features, rngs=rngs, dtype=dtype,
+                               **self.adapter_kwargs)
     else:
       width = backbone.feature_width
       dims = (width, self.head_hidden or width, self.objective.embed_dim)
-      head, ema_head = MLPHead(dims, rngs=rngs), MLPHead(dims, rngs=rngs)
+      head, ema_head = (MLPHead(dims, dtype=dtype, rngs=rngs) for _ in range(2))
       _copy_weights(ema_head, head)
     student = ContrastiveStudent(backbone, head, adapter, ema_backbone, ema_head)
     if self.bn_groups > 1:
@@ -188,14 +195,16 @@ class ContrastiveMethod:
                                              nnx.state(live, nnx.Param), m))
 
   def _student_embedding(self, model: ContrastiveStudent, teacher, images, *, ema: bool):
+    """(B, D) float32 embeddings, whatever the student's precision (the losses' input)."""
     backbone = model.ema_backbone if ema else model.backbone
     out = backbone(images)
     if self.name == "retro":
       mapped = model.adapter(out.feature_map)
-      pooled = jnp.mean(mapped, axis=(1, 2))
+      # The teacher's head runs in the teacher's precision, from a float32 input.
+      pooled = jnp.mean(mapped, axis=(1, 2)).astype(jnp.float32)
       return retro.frozen_head_apply(teacher.head, pooled, method="embed")
     head = model.ema_head if ema else model.head
-    return head(out.pooled)
+    return head(out.pooled).astype(jnp.float32)
 
   def _student_embeddings(self, model: ContrastiveStudent, teacher, views):
     """The student's embeddings of each view, from one forward of the stacked views.

@@ -15,6 +15,7 @@ import dataclasses
 import pathlib
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -40,6 +41,7 @@ from retro_jax.objectives import rob_msn
 from retro_jax.objectives import rob_swav
 from retro_jax.train import mesh as mesh_lib
 from retro_jax.train import optim
+from retro_jax.train import precision
 from retro_jax.train import preflight
 from retro_jax.train import run_record
 from retro_jax.train import step as step_lib
@@ -51,6 +53,7 @@ from retro_jax.train.multicrop_methods import METHODS as MULTICROP_METHODS
 from retro_jax.train.multicrop_methods import MultiCropMethod
 from retro_jax.train.monitor import KnnMonitor
 from retro_jax.train.progress import Progress
+from retro_jax.train.save_timer import SaveTimer
 from retro_jax.train.stop_request import StopRequest
 from retro_jax.train.stop_request import TrainingStopped
 from retro_jax.user_errors import UserError
@@ -89,6 +92,13 @@ def build_method(config: ml_collections.ConfigDict, objective, *, steps_per_epoc
   """The method object of `config.method` with its objective (`objective_config`) and model
   choices."""
   student = config.student
+  if "dtype" in student.kwargs:
+    raise ConfigError("student.kwargs.dtype: set the student's precision with student.dtype "
+                      "(float32 | bfloat16), which keeps parameters and optimiser state "
+                      "float32")
+  dtype = student.get("dtype", "float32")
+  if dtype not in precision.DTYPES:
+    raise ConfigError(f"student.dtype: {dtype!r} is not one of {sorted(precision.DTYPES)}")
   if config.method in MULTICROP_METHODS:
     dino_options = config.get("dino") or {}
     try:
@@ -97,7 +107,8 @@ def build_method(config: ml_collections.ConfigDict, objective, *, steps_per_epoc
           head=student.head.to_dict(), steps_per_epoch=steps_per_epoch,
           total_steps=total_steps, token_drop_ratio=student.get("token_drop_ratio", 0.0),
           teacher_momentum=dino_options.get("teacher_momentum", 0.996),
-          freeze_last_layer_epochs=dino_options.get("freeze_last_layer_epochs", 0))
+          freeze_last_layer_epochs=dino_options.get("freeze_last_layer_epochs", 0),
+          dtype=dtype)
     except ValueError as error:
       raise ConfigError(f"student: {error}") from None
   adapter_kwargs = student.get("adapter_kwargs")
@@ -112,7 +123,7 @@ def build_method(config: ml_collections.ConfigDict, objective, *, steps_per_epoc
                            student.kwargs.to_dict(), head_hidden=student.get("head_hidden") or None,
                            adapter=student.get("adapter", "inverted_residual"),
                            adapter_kwargs=adapter_kwargs.to_dict() if adapter_kwargs else {},
-                           bn_groups=bn_groups)
+                           bn_groups=bn_groups, dtype=dtype)
 
 
 def _steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -177,12 +188,14 @@ def build_engine(config: ml_collections.ConfigDict, objective, augmentation: Aug
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-          allow_config_change: bool = False) -> dict[str, Any]:
+          allow_config_change: bool = False,
+          clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
   """Runs (or resumes) the training the config describes; returns the final metrics.
 
   A resume is refused when the teacher or a training-relevant config value differs from the
   checkpoint's (`run_record`), unless `allow_config_change` (the config only). The run's record
-  (config.json, config_changes.jsonl) is written once every check has passed.
+  (config.json, config_changes.jsonl) is written once every check has passed. `clock` times
+  `checkpoint_every_minutes` (retro_jax/train/save_timer.py; tests pass a fake one).
   """
   workdir = storage.path(workdir)  # local (absolute) or gs://...
   workdir.mkdir(parents=True, exist_ok=True)
@@ -249,6 +262,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                       global_batch=global_batch, every=config.log_every_steps,
                       schedules=engine.schedules)
   guard = FiniteGuard(engine.schedules, checkpoints.latest_step, start_step=start_step)
+  # Several processes ask process 0's clock on log steps only (one broadcast each).
+  timer = SaveTimer(config.get("checkpoint_every_minutes") or 0, clock=clock,
+                    check_every=1 if jax.process_count() == 1 else config.log_every_steps)
   config_record = run_record.checkpoint_fields(config)
   metrics: dict[str, Any] = {}
   # SIGTERM / SIGINT: the step being trained is saved, then the run stops (stop_request.py);
@@ -264,7 +280,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
           print(f"first step (compile + run): {time.perf_counter() - started:.1f} s", flush=True)
         done = step + 1
         stopping = stop.requested or checkpoints.reached_preemption(done)
-        save = checkpoints.due(done, force=done == total_steps or stopping)
+        forced = done == total_steps or stopping or timer.due(done)
+        save = checkpoints.due(done, force=forced)
         # Metrics leave the device only at log and checkpoint steps; NaN/inf stop the run there,
         # and a state is checked before it is saved (retro_jax/train/finite_guard.py).
         if save or progress.due(done):
@@ -281,7 +298,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         progress.update(done, metrics, skipped=batches.skipped_count)
         record = {"step": done, "teacher": teacher_identity, **config_record,
                   "data": {"epoch": done // steps_per_epoch, "skipped": batches.skipped}}
-        checkpoints.save(done, state, record, force=done == total_steps or stopping)
+        if checkpoints.save(done, state, record, force=forced):
+          timer.saved(done)
         if stopping and done < total_steps:
           checkpoints.wait()
           raise TrainingStopped(stop.signum or signal.SIGTERM, done,

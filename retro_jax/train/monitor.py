@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -46,7 +47,7 @@ class KnnMonitor:
       model.eval()
       # An eval view draws nothing: this only converts and normalises.
       images = view.device_views(jax.random.key(0), (images,))[0]
-      return method.export_backbone(model)(images).pooled
+      return method.export_backbone(model)(images).pooled.astype(jnp.float32)  # bf16 students
 
     self._features = features
 

@@ -48,6 +48,7 @@ from retro_jax.objectives import rob_dino
 from retro_jax.objectives import rob_ibot
 from retro_jax.objectives import rob_msn
 from retro_jax.objectives import rob_swav
+from retro_jax.train import precision
 from retro_jax.train import rob_ibot_method
 from retro_jax.train import teacher as teacher_lib
 from retro_jax.train.freeze import EarlyFreeze
@@ -115,6 +116,8 @@ class MultiCropMethod:
     token_drop_ratio: rob_msn with a ViT student (0.10 ViT-Ti, 0.15 ViT-S); 0 for none.
     teacher_momentum: DINO's base EMA momentum.
     freeze_last_layer_epochs: DINO's `freeze_last_layer`.
+    dtype: the student's precision, 'float32' or 'bfloat16' (retro_jax/train/precision.py):
+      backbone, head and DINO's EMA copy compute in it; head outputs leave in float32.
   """
   name: str
   objective: Any
@@ -127,10 +130,12 @@ class MultiCropMethod:
   token_drop_ratio: float = 0.0
   teacher_momentum: float = 0.996
   freeze_last_layer_epochs: int = 0
+  dtype: str = "float32"
 
   def __post_init__(self):
     if self.name not in METHODS:
       raise ValueError(f"unknown multi-crop method {self.name!r}; expected one of {METHODS}")
+    precision.compute_dtype(self.dtype)  # an unknown name fails here, before any build
     if not 0.0 <= self.token_drop_ratio < 1.0:
       raise ValueError(f"token_drop_ratio must be in [0, 1), got {self.token_drop_ratio}")
 
@@ -139,19 +144,20 @@ class MultiCropMethod:
     return self.name != "dino"
 
   def build(self, teacher: nnx.Module | None, *, rngs: nnx.Rngs) -> MultiCropStudent:
-    backbone = create_backbone(self.student, rngs=rngs, **self.student_kwargs)
+    dtype = precision.compute_dtype(self.dtype)
+    backbone = create_backbone(self.student, rngs=rngs, dtype=dtype, **self.student_kwargs)
     if self.token_drop_ratio and not isinstance(backbone, VisionTransformer):
       raise ValueError(f"token dropping needs a ViT student, not {self.student}; set "
                        "student.token_drop_ratio=0")
     width = backbone.feature_width
-    options = dict(self.head)
+    options = dict(self.head, dtype=dtype)
     if self.name == "dino":
       if "out_features" not in options:
         raise ValueError("student.head.out_features (DINO's K prototypes) is required")
       head = DINOHead(width, options.pop("out_features"), **options, rngs=rngs)
       # DINO builds its teacher without stochastic depth (`drop_path_rate` only on the student).
       ema_kwargs = {k: v for k, v in self.student_kwargs.items() if k != "drop_path_rate"}
-      ema_backbone = create_backbone(self.student, rngs=rngs, **ema_kwargs)
+      ema_backbone = create_backbone(self.student, rngs=rngs, dtype=dtype, **ema_kwargs)
       ema_head = DINOHead(width, head.out_features, **options, rngs=rngs)
       for target, source in ((ema_backbone, backbone), (ema_head, head)):
         nnx.update(target, jax.tree.map(jnp.copy, nnx.state(source, nnx.Param)))
@@ -179,7 +185,7 @@ class MultiCropMethod:
     dims = (width, options.get("hidden_features", 2048), num_prototypes)
     return MultiCropStudent(backbone, MLPHead(dims, activation=None,
                                               batch_norm=options.get("batch_norm", False),
-                                              rngs=rngs))
+                                              dtype=dtype, rngs=rngs))
 
   def _swav_student_head(self, width: int, teacher_head, options: dict,
                          rngs: nnx.Rngs) -> nnx.Module:
@@ -196,7 +202,7 @@ class MultiCropMethod:
     batch_norm = options.get("batch_norm", True)
     if self.objective.use_teacher_prototypes:
       return MLPHead((width, hidden, teacher_head.out_features), activation=None,
-                     batch_norm=batch_norm, rngs=rngs)
+                     batch_norm=batch_norm, dtype=options.get("dtype"), rngs=rngs)
     return SwAVHead(width, teacher_head.num_prototypes, hidden_features=hidden,
                     out_features=teacher_head.out_features, batch_norm=batch_norm, rngs=rngs)
 
@@ -230,14 +236,15 @@ class MultiCropMethod:
     return backbone.encode(tokens)[:, 0]
 
   def _outputs(self, backbone, head, views, key=None) -> jax.Array:
-    """(V, B, K) head outputs, one forward per group of same-size crops."""
+    """(V, B, K) float32 head outputs (the objectives' softmax input), one forward per group
+    of same-size crops."""
     outputs = []
     for start, stop in _size_groups(views):
       drop_key = None
       if key is not None and self.token_drop_ratio and stop <= self.num_teacher_crops:
         drop_key = jax.random.fold_in(key, start)
       pooled = self._pooled(backbone, jnp.concatenate(views[start:stop]), drop_key)
-      outputs.extend(jnp.split(head(pooled), stop - start))
+      outputs.extend(jnp.split(head(pooled).astype(jnp.float32), stop - start))
     return jnp.stack(outputs)
 
   def loss(self, model: MultiCropStudent, teacher, views, state, *, step, key):

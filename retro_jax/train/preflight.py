@@ -8,6 +8,8 @@ is loaded and the student is built.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from retro_jax.data import sources
@@ -39,6 +41,11 @@ def check(config: ml_collections.ConfigDict, *, steps_per_epoch: int, total_step
   for key, what in (("log_every_steps", "steps"), ("checkpoint_every_steps", "steps"),
                     ("keep_checkpoints", "checkpoints")):
     _positive_int(config, key, what)
+  minutes = config.get("checkpoint_every_minutes", 0)
+  if (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
+      or not math.isfinite(minutes) or minutes < 0):
+    raise PreflightError(f"checkpoint_every_minutes: must be a number of minutes >= 0 (0: off), "
+                         f"got {minutes!r}")
   try:  # The whole optimizer, schedules included: pure Python, no model needed.
     optim.build_optimizer(config.optimizer, steps_per_epoch=steps_per_epoch,
                           total_steps=total_steps, global_batch_size=config.global_batch_size)

@@ -10,7 +10,9 @@ DisCo config into the form of the authors' code (`finish` applies both by varian
                     | 'rob_ibot'
   seed, global_batch_size, epochs, total_steps (> 0 overrides epochs)
   objective         the objective's Config fields (retro_jax/objectives/<method>.py)
-  student           name, kwargs (backbone options), head_hidden (mocov2/disco), adapter and
+  student           name, kwargs (backbone options), dtype ('float32' | 'bfloat16': mixed
+                    precision, retro_jax/train/precision.py; bfloat16 gains on TPUs and
+                    recent GPUs, not on CPU), head_hidden (mocov2/disco), adapter and
                     adapter_kwargs (retro), bn_groups (MoCo-style methods: batch-norm
                     statistics over that many slices of the batch, with MoCo's shuffle-BN
                     for the keys; 1, the default, is SyncBN over the global batch, as
@@ -24,7 +26,9 @@ DisCo config into the form of the authors' code (`finish` applies both by varian
                     shuffle_buffer, augmentation (a presets.preset)
   input             mean, std recorded with the exported student
   optimizer         an optim.recipe_config block
-  log_every_steps, checkpoint_every_steps, keep_checkpoints
+  log_every_steps, checkpoint_every_steps, checkpoint_every_minutes (0: off; a save also
+                    comes that many minutes after the last one: train/save_timer.py),
+                    keep_checkpoints
   monitor           every_steps (0: off), k, batch_size, bank_split, test_split, augmentation
                     (an eval preset): the online k-NN monitor
 """
@@ -67,7 +71,8 @@ def contrastive_config(method: str, student: str, *, optimizer: str, epochs: int
   if method == "retro":
     objective["consistency_pairing"] = "same_view"
   config.objective = objective
-  config.student = dict(name=student, kwargs=student_kwargs or {}, bn_groups=1)
+  config.student = dict(name=student, kwargs=student_kwargs or {}, dtype="float32",
+                        bn_groups=1)
   if method == "retro":
     config.student.adapter = adapter
     config.student.adapter_kwargs = adapter_kwargs or {}
@@ -87,6 +92,7 @@ def _common(config: ml_collections.ConfigDict, optimizer: str,
   config.optimizer = optim.recipe_config(optimizer)
   config.log_every_steps = 100
   config.checkpoint_every_steps = 5000
+  config.checkpoint_every_minutes = 0.0  # 0: off; e.g. 30 on preemptible VMs
   config.keep_checkpoints = 2
   # Online k-NN monitor on the labelled splits of the same dataset (0 = off).
   config.monitor = dict(every_steps=5000, k=200, batch_size=256, bank_split="train",
@@ -100,8 +106,8 @@ def multicrop_config(method: str, student: str, *, optimizer: str, epochs: int,
   """An unlocked ImageNet config of 'dino', 'rob_dino' or 'rob_msn' (multi-crop views)."""
   config = _run(method, epochs, global_batch_size)
   config.objective = {}  # the objective's defaults are the recipe's (objectives/<method>.py)
-  config.student = dict(name=student, kwargs=student_kwargs or {}, head=head,
-                        token_drop_ratio=token_drop_ratio)
+  config.student = dict(name=student, kwargs=student_kwargs or {}, dtype="float32",
+                        head=head, token_drop_ratio=token_drop_ratio)
   if method == "dino":
     config.dino = dict(teacher_momentum=0.996, freeze_last_layer_epochs=1)
   _common(config, optimizer, augmentation)
@@ -219,7 +225,8 @@ def authors_reference(config: ml_collections.ConfigDict) -> ml_collections.Confi
   lines 339, 344), so `module.queue`, the teacher's own MoCo queue, becomes the student's
   initial queue; `convert` leaves MoCo's queue out of the teacher directory
   (retro_jax/convert/formats.py), so the queue starts random and unit-norm here as well.
-  Mixed precision (Retro's `autocast`) is not reproduced either: float32 throughout.
+  Mixed precision (Retro's `autocast`) is not reproduced either: float32 throughout (the
+  reference form leaves student.dtype as the recipe sets it).
 
   Args:
     config: an unlocked config of method 'retro' or 'disco' (`contrastive_config`).

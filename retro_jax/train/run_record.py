@@ -40,8 +40,12 @@ CHANGES_JSONL = "config_changes.jsonl"
 
 # Key names (any component of a dotted key) and dotted suffixes that do not change the numbers
 # a run computes; see the module docstring.
-EXEMPT_NAMES = frozenset({"log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                          "monitor", "data_dir", "title"})
+EXEMPT_NAMES = frozenset({"log_every_steps", "checkpoint_every_steps",
+                          "checkpoint_every_minutes", "keep_checkpoints", "monitor", "data_dir",
+                          "title"})
+# Keys added to the configs after runs recorded theirs, with the value that does what those
+# runs did: a record without the key (dotted suffix) holds that value, not a change.
+ADDED_DEFAULTS = {"student.dtype": "float32", "checkpoint_every_minutes": 0.0}
 EXEMPT_SUFFIXES = ("teacher.checkpoint",)
 
 
@@ -89,10 +93,21 @@ def checkpoint_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {"config_hash": config_hash(flat), "config": flat}
 
 
+def _added_default(key: str) -> Any:
+  for suffix, value in ADDED_DEFAULTS.items():
+    if key == suffix or key.endswith("." + suffix):
+      return value
+  return None
+
+
 def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[str, Any]]:
-  """{key: {"from": old value, "to": new value}} for every key that differs (None: absent)."""
+  """{key: {"from": old value, "to": new value}} for every key that differs (None: absent;
+  an ADDED_DEFAULTS key absent on one side and at its default on the other does not)."""
+  def value(flat: dict[str, Any], key: str) -> Any:
+    return flat[key] if key in flat else _added_default(key)
+
   return {key: {"from": old.get(key), "to": new.get(key)} for key in sorted(set(old) | set(new))
-          if old.get(key) != new.get(key)}
+          if value(old, key) != value(new, key)}
 
 
 def check_changes(changes: dict[str, dict[str, Any]], *, allow: bool, against: str) -> None:

@@ -40,13 +40,14 @@ def config():
 def test_exempt_keys_change_freely_and_are_reported(config):
   record = run_record.checkpoint_fields(config)
   new = changed(config, log_every_steps=7, checkpoint_every_steps=9, keep_checkpoints=5,
-                monitor__every_steps=0, data__data_dir="/elsewhere",
-                teacher__checkpoint="/teachers/t")
+                checkpoint_every_minutes=30.0, monitor__every_steps=0,
+                data__data_dir="/elsewhere", teacher__checkpoint="/teachers/t")
   changes = run_record.changes_on_resume(new, record, allow=False, step=3)
   assert changes["log_every_steps"] == {"from": 1, "to": 7}
   assert changes["monitor.every_steps"] == {"from": 2, "to": 0}
   assert changes["teacher.checkpoint"] == {"from": "", "to": "/teachers/t"}
-  assert len(changes) == 6
+  assert changes["checkpoint_every_minutes"] == {"from": 0.0, "to": 30.0}
+  assert len(changes) == 7
   assert run_record.config_hash(run_record.flatten(new)) == record["config_hash"]
 
 
@@ -71,6 +72,16 @@ def test_a_key_only_one_side_has_is_a_change(config):
   assert run_record.differences(old, new) == {
       "seed": {"from": 0, "to": None},
       "student.kwargs.drop_path_rate": {"from": None, "to": 0.1}}
+
+
+def test_keys_added_later_hold_their_default_in_older_records(config):
+  # A checkpoint written before student.dtype and checkpoint_every_minutes existed.
+  old = {k: v for k, v in run_record.flatten(config).items()
+         if k not in ("student.dtype", "checkpoint_every_minutes")}
+  assert run_record.changes_on_resume(config, {"config": old}, allow=False, step=3) == {}
+  half = changed(config, student__dtype="bfloat16")
+  with pytest.raises(run_record.ConfigChangeError, match="student.dtype: None -> 'bfloat16'"):
+    run_record.changes_on_resume(half, {"config": old}, allow=False, step=3)
 
 
 def test_first_start_then_resumes_make_one_record(config, workdir):
