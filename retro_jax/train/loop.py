@@ -280,7 +280,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
           print(f"first step (compile + run): {time.perf_counter() - started:.1f} s", flush=True)
         done = step + 1
         stopping = stop.requested or checkpoints.reached_preemption(done)
-        forced = done == total_steps or stopping or timer.due(done)
+        timed = timer.due(done)  # every step on every process: its checks can be collective
+        forced = done == total_steps or stopping or timed
         save = checkpoints.due(done, force=forced)
         # Metrics leave the device only at log and checkpoint steps; NaN/inf stop the run there,
         # and a state is checked before it is saved (retro_jax/train/finite_guard.py).

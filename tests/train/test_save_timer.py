@@ -21,6 +21,7 @@ from flax import nnx
 from retro_jax import checkpoint
 from retro_jax.train import loop
 from retro_jax.train import preflight
+from retro_jax.train import save_timer
 from retro_jax.train.save_timer import SaveTimer
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "reliability"))
@@ -79,6 +80,12 @@ def test_several_processes_agree_once_every_check_every_steps_on_process_0s_answ
   assert run_steps(timer, 20, every_steps=1000) == [15]
   assert clock.readings == len(asked) == 4  # steps 5, 10, 15, 20 only
   assert asked == [False, False, False, False]  # 30 minutes never passed here
+
+
+def test_process_zero_decides_through_jaxs_broadcast():
+  # One process here: the call path and the answer's type, not the collective itself.
+  assert save_timer._process_zero_decides(True) is True  # pylint: disable=protected-access
+  assert save_timer._process_zero_decides(False) is False  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("minutes", [-1.0, float("nan"), float("inf")])
