@@ -14,9 +14,8 @@ bfloat16 is mixed precision, the usual policy on TPUs and recent GPUs:
 
 Who gains: TPUs (whose matrix units take bfloat16 natively) and GPUs with bfloat16 tensor
 cores (NVIDIA Ampere and later: A100, H100, L4, ...), where bfloat16 products run faster than
-float32 ones and activations take half the memory. A CPU does not: XLA:CPU computes most
-bfloat16 ops by converting to float32 and back, so keep 'float32' there (the tests run
-bfloat16 on CPU for its numbers only).
+float32 ones and activations take half the memory. A CPU does not gain: keep 'float32'
+there (the tests run bfloat16 on CPU for its numbers only).
 
 The exported student (WORKDIR/student) holds the float32 parameters and is rebuilt in float32;
 downstream code chooses its own precision.
