@@ -28,7 +28,8 @@ docs/results.md):
 Variants:
   :sweep   the teacher alone for 600 steps, the sweep's base point: scripts/study_sweep.sh
            runs it at each setting (--config.teacher.optimizer.lr=..., ...student.bn_groups=...)
-  :test    every stage with 3 steps, 2 seeds and small splits: the same path, for the tests
+  :test    every stage with 3 steps, 2 seeds, the arms mocov2 and retro, and small splits:
+           the same path, for the tests
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from retro_jax.train import fashion_mnist_recipes as recipes
 TEACHER_STEPS = 2000
 STUDENT_STEPS = 400
 SWEEP_STEPS = 600
+# The arms of `:test`: the final arm and the baseline (the other arms differ only in config).
+TEST_ARMS = ("mocov2", "retro")
 
 
 def get_config(variant: str | None = None):
@@ -51,6 +54,7 @@ def get_config(variant: str | None = None):
     config.final = "teacher"
   elif variant == "test":
     config.seeds = [0, 1]
+    config.students = {arm: config.students[arm] for arm in TEST_ARMS}
     recipes.tiny(config)
   elif variant is not None:
     raise ValueError(f"unknown variant {variant!r} of configs/study_fashion_mnist.py; "
