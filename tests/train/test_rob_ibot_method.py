@@ -18,6 +18,8 @@ from retro_jax import checkpoint
 from retro_jax import main as main_lib
 from retro_jax.convert import cli as convert_cli
 from retro_jax.models.encoder import Encoder
+from retro_jax.models import registry
+from retro_jax.models import vit
 from retro_jax.models.heads import DINOHead
 from retro_jax.models.vit import VisionTransformer
 from retro_jax.objectives import rob_ibot
@@ -29,20 +31,37 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 
 
+# The :smoke run's networks at 2 of their 12 blocks (same widths, heads and wiring), registered
+# for this module only: the full depths compiled for ~5 minutes on the loaded 2-core CPU.
+SHALLOW = {"vit_tiny_patch16_2blocks": "vit_tiny_patch16",
+           "vit_small_patch16_2blocks": "vit_small_patch16"}
+
+
+def _shallow(name):
+  return lambda *, rngs, **kwargs: VisionTransformer(
+      **{**vit.ARCHITECTURES[name], "depth": 2}, rngs=rngs, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def converted_teacher(tmp_path_factory) -> pathlib.Path:
-  """The :smoke teacher's shape (ViT-Tiny at 32 px, a 64-prototype head) in iBOT's layout."""
-  torch.manual_seed(0)
-  network = ibot_reference.randomise(ibot_reference.IBOTNetwork(
-      img_size=32, out_dim=64, hidden_dim=256, bottleneck_dim=64), seed=1)
-  folder = tmp_path_factory.mktemp("ibot_smoke")
-  ibot_reference.save_ibot_checkpoint(folder / "checkpoint.pth", network)
-  assert convert_cli.main(["--src", str(folder / "checkpoint.pth"), "--format", "ibot",
-                           "--arch", "vit_tiny_patch16", "--out", str(folder / "teacher")]) == 0
-  return folder / "teacher"
+  """The :smoke teacher's shape (ViT-Tiny at 32 px, 2 blocks, a 64-prototype head) written in
+  iBOT's layout from iBOT's code and converted through the CLI."""
+  registry.backbone_names()  # every family registered before the test-only names are added
+  with pytest.MonkeyPatch.context() as patch:
+    for name, full in SHALLOW.items():
+      patch.setitem(registry._BACKBONES, name, _shallow(full))  # pylint: disable=protected-access
+    torch.manual_seed(0)
+    network = ibot_reference.randomise(ibot_reference.IBOTNetwork(
+        img_size=32, depth=2, out_dim=64, hidden_dim=256, bottleneck_dim=64), seed=1)
+    folder = tmp_path_factory.mktemp("ibot_smoke")
+    ibot_reference.save_ibot_checkpoint(folder / "checkpoint.pth", network)
+    assert convert_cli.main(["--src", str(folder / "checkpoint.pth"), "--format", "ibot",
+                             "--arch", "vit_tiny_patch16_2blocks", "--out",
+                             str(folder / "teacher")]) == 0
+    yield folder / "teacher"
 
 
-# ~40 s on the 2-core CPU: a ViT-S student and a ViT-Tiny teacher compiled for one step.
+# ~50 s on the 2-core CPU (under load: ~2 minutes): convert, then two training steps.
 @pytest.mark.slow
 def test_smoke_recipe_trains_from_a_converted_ibot_teacher(converted_teacher, fashion_mnist_tfds,
                                                            tmp_path, capsys):
@@ -50,6 +69,7 @@ def test_smoke_recipe_trains_from_a_converted_ibot_teacher(converted_teacher, fa
   assert main_lib.main(["--config", f"{CONFIG}:smoke", "--workdir", str(workdir),
                         f"--config.data.data_dir={fashion_mnist_tfds}",
                         f"--config.teacher.checkpoint={converted_teacher}",
+                        "--config.student.name=vit_small_patch16_2blocks",
                         "--config.total_steps=2", "--config.monitor.every_steps=0"]) == 0
   assert "step 2/2" in capsys.readouterr().out
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -59,7 +79,7 @@ def test_smoke_recipe_trains_from_a_converted_ibot_teacher(converted_teacher, fa
     assert 0.0 <= record["masked_fraction"] <= 0.5
   _, description = checkpoint.load_model(workdir / "student")
   assert description["source"]["method"] == "rob_ibot"
-  assert description["encoder"]["architecture"] == "vit_small_patch16"
+  assert description["encoder"]["architecture"] == "vit_small_patch16_2blocks"
   assert description["encoder"]["head_kind"] == "dino"
 
 
