@@ -46,7 +46,8 @@ def _gcs_client_missing() -> bool:
 
 
 def path(value: str | os.PathLike) -> epath.Path:
-  """The user's path `value` as an epath.Path: a cloud URI kept as it is, a local path absolute.
+  """The user's path `value` as an epath.Path: a cloud URI kept as it is, a local path (or a
+  file:// URI) absolute.
 
   Raises:
     StoragePathError: an unknown scheme (`ftp://...`), `gs:/x` with one slash (which would be a
