@@ -122,7 +122,7 @@ def test_a_failing_command_stops_the_notebook(tmp_path):
 def test_quickstart_notebook_runs_and_shows_the_table_and_plots(fashion_mnist_tfds, tmp_path):
   workdir = tmp_path / "quickstart"
   notebook = execute(with_parameters(read(ROOT / "colab" / EXPECTED[0]),
-                                     CONFIG="quickstart.py:test", WORKDIR=str(workdir),
+                                     CONFIG="quickstart:test", WORKDIR=str(workdir),
                                      DATA_DIR=str(fashion_mnist_tfds), TENSORBOARD=False),
                      tmp_path)
   _, table = outputs(notebook, "table")
@@ -174,7 +174,7 @@ def test_finetune_notebook_probes_finetunes_and_loads_in_three_lines(distilled,
       read(ROOT / "colab" / EXPECTED[2]), STUDENT_DIR=str(run_root / "export"),
       WORKDIR=str(workdir), DATASET="fashion_mnist", DATA_DIR=str(fashion_mnist_tfds),
       TRAIN_SPLIT="train[:256]", TEST_SPLIT="test[:100]",
-      EVAL_FLAGS="--image-size 32 --linear-epochs 2", FINETUNE_CONFIG="finetune.py:smoke",
+      EVAL_FLAGS="--image-size 32 --linear-epochs 2", FINETUNE_CONFIG="finetune:smoke",
       FINETUNE_FLAGS="", IMAGE_SIZE=32), tmp_path)
   assert (workdir / "probe" / "results.json").is_file()
   assert "top1" in json.dumps(json.loads((workdir / "finetune" / "results.json").read_text()))
