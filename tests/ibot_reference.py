@@ -21,16 +21,8 @@ import pathlib
 import torch
 from torch import nn
 
-
-class Mlp(nn.Module):
-  def __init__(self, in_features, hidden_features):
-    super().__init__()
-    self.fc1 = nn.Linear(in_features, hidden_features)
-    self.act = nn.GELU()
-    self.fc2 = nn.Linear(hidden_features, in_features)
-
-  def forward(self, x):
-    return self.fc2(self.act(self.fc1(x)))
+# iBOT's Mlp is DINO's (and timm's) line for line, as MSN's src/deit.py copied it too.
+from msn_reference import Mlp
 
 
 class Attention(nn.Module):
