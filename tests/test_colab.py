@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import subprocess
 
 from IPython.core.inputtransformer2 import TransformerManager
 import nbclient
@@ -99,6 +100,18 @@ def test_every_notebook_has_the_same_setup_cell():
   # copies must not drift apart.
   setups = {cell(read(path), "setup").source for path in NOTEBOOKS}
   assert len(setups) == 1
+  # Its check for an unset REPO must survive a fork's sed of the placeholder.
+  assert PLACEHOLDER not in setups.pop()
+
+
+def test_the_placeholder_is_only_where_the_fork_command_replaces_it():
+  tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+  holders = {name for name in tracked if (ROOT / name).is_file()
+             and PLACEHOLDER in (ROOT / name).read_text(errors="replace")}
+  # The README's sed line: README.md colab/*.ipynb (and this test, which names it).
+  assert holders == {"README.md", "tests/test_colab.py",
+                     *(f"colab/{name}" for name in EXPECTED)}
 
 
 def test_readme_links_every_notebook_through_colab_with_the_placeholder():
