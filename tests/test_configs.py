@@ -139,7 +139,9 @@ def test_unknown_variant_names_the_known_ones():
 def test_resnet18_reference_smoke_trains(fashion_mnist_tfds, tmp_path, capsys):
   """The authors' code form end to end (teacher BN on batch statistics, cross-view pairing)."""
   workdir = tmp_path / "run"
-  args = ["--config", f"{CONFIGS / 'resnet18.py'}:reference_smoke", "--workdir", str(workdir),
+  # At 1/8 of ResNet-18's width (tests/train/narrow_smoke.py): the wiring is the same.
+  narrow = pathlib.Path(__file__).parent / "train" / "narrow_smoke.py"
+  args = ["--config", f"{narrow}:resnet18/reference_smoke", "--workdir", str(workdir),
           f"--config.data.data_dir={fashion_mnist_tfds}", "--config.total_steps=2"]
   assert main_lib.main(args) == 0
   assert "step 2/2" in capsys.readouterr().out
