@@ -95,9 +95,9 @@ def cloud_run(tmp_path_factory, fashion_mnist_tfds):
          "exported": exported, "description": description, "steps": steps, "record": record}
 
 
-# One 2-step training run of the drills' config, resumed once, and its export: with the drills'
-# compile in the XLA cache ~15 s; alone, on a loaded 2-core machine, ~230 s (teacher build
-# 45 s, training 170 s, resume 10 s, export 2 s; Fashion-MNIST's preparation not counted).
+# One 2-step training run of the drills' config, resumed once, and its export (measured on the
+# loaded 2-core machine, the module alone): 52 s with a warm XLA cache, which the drills leave
+# (Fashion-MNIST's preparation, shared with the suite, included); 150-230 s cold.
 @pytest.mark.slow
 def test_a_run_on_gs_writes_only_to_the_bucket(cloud_run):
   assert local_folders_named_gs(cloud_run["root"], pathlib.Path.cwd()) == []
