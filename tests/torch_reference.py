@@ -111,3 +111,23 @@ def assert_feature_parity(model: nnx.Module, features, images: np.ndarray) -> ja
   assert relative_error(out.feature_map, ref_map) <= RTOL
   assert relative_error(out.pooled, ref_map.mean(axis=(1, 2))) <= RTOL
   return out.pooled
+
+
+class DinoHead(nn.Module):
+  """DINO's `DINOHead` (vision_transformer.py of the DINO release), default settings."""
+
+  def __init__(self, in_dim, out_dim, norm_last_layer=True, hidden_dim=2048, bottleneck_dim=256):
+    super().__init__()
+    self.mlp = nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.GELU(),
+        nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+        nn.Linear(hidden_dim, bottleneck_dim))
+    self.last_layer = nn.utils.weight_norm(
+        nn.Linear(bottleneck_dim, out_dim, bias=False))
+    self.last_layer.weight_g.data.fill_(1)
+    if norm_last_layer:
+      self.last_layer.weight_g.requires_grad = False
+
+  def forward(self, x):
+    x = nn.functional.normalize(self.mlp(x), dim=-1, p=2)
+    return self.last_layer(x)

@@ -197,7 +197,9 @@ def split_dino(obj: Any, arch: str) -> SplitCheckpoint:
   if not head:
     raise CheckpointFormatError("DINO checkpoint's teacher has no 'head.*' entries")
   kwargs = _dino_head_kwargs(head, obj.get("args"))
-  return SplitCheckpoint(backbone, {}, head, "dino", kwargs, ignored)
+  # A ViT trained at another size than 224 px (DINO's --global_crops_size) keeps its grid.
+  backbone_kwargs = _vit_img_size(backbone) if family(arch) == "vit" else {}
+  return SplitCheckpoint(backbone, backbone_kwargs, head, "dino", kwargs, ignored)
 
 
 def split_swav(obj: Any, arch: str) -> SplitCheckpoint:

@@ -16,6 +16,7 @@ import torchvision
 
 from cli_runner import run_convert
 from cli_runner import run_embed
+from torch_reference import DinoHead
 from torch_reference import RTOL
 from torch_reference import nchw
 from torch_reference import random_images
@@ -66,26 +67,6 @@ def test_timm_models(tmp_path, timm_name, arch, size):
                 tokens.mean(dim=(2, 3))).numpy()
   got = convert_and_embed(tmp_path, model.state_dict(), "timm", arch, images)
   assert relative_error(got, expected) <= RTOL
-
-
-class DinoHead(torch.nn.Module):
-  """DINO's `DINOHead` (vision_transformer.py of the DINO release), default settings."""
-
-  def __init__(self, in_dim, out_dim, norm_last_layer=True, hidden_dim=2048, bottleneck_dim=256):
-    super().__init__()
-    self.mlp = torch.nn.Sequential(
-        torch.nn.Linear(in_dim, hidden_dim), torch.nn.GELU(),
-        torch.nn.Linear(hidden_dim, hidden_dim), torch.nn.GELU(),
-        torch.nn.Linear(hidden_dim, bottleneck_dim))
-    self.last_layer = torch.nn.utils.weight_norm(
-        torch.nn.Linear(bottleneck_dim, out_dim, bias=False))
-    self.last_layer.weight_g.data.fill_(1)
-    if norm_last_layer:
-      self.last_layer.weight_g.requires_grad = False
-
-  def forward(self, x):
-    x = torch.nn.functional.normalize(self.mlp(x), dim=-1, p=2)
-    return self.last_layer(x)
 
 
 class DinoNetwork(torch.nn.Module):

@@ -288,10 +288,10 @@ _MONITOR_COVERED = ("effb0", "mobilenetv3", "disco_effb0", "mocov2_r50")
 
 
 @pytest.mark.slow
-# rob_msn_vit_small, rob_swav_resnet50 and rob_ibot_vit_small train their :smoke runs from
-# teachers converted through the CLI (tests/train/test_rob_msn_teacher.py and below).
+# The RoB configs train their :smoke runs from teachers converted through the CLI
+# (tests/train/test_rob_{dino,msn}_teacher.py, test_rob_ibot_method.py and below).
 @pytest.mark.parametrize("name", ["effb0", "mobilenetv3", "disco_effb0", "mocov2_r50",
-                                  "rob_dino_vit_tiny", "dino_vit_small"])
+                                  "dino_vit_small"])
 def test_every_config_trains_two_smoke_steps(name, fashion_mnist_tfds, tmp_path, capsys):
   # The shipped :smoke run, with EfficientNet / MobileNetV3 students and ResNet-18 teachers
   # made smaller (tests/train/narrow_smoke.py): their wiring does not depend on their size.
