@@ -38,6 +38,7 @@ import jax
 from flax import nnx
 import orbax.checkpoint as ocp
 
+from retro_jax import distributed
 from retro_jax import storage
 from retro_jax.models.encoder import Encoder
 from retro_jax.models.encoder import EncoderSpec
@@ -71,7 +72,10 @@ def save_model(directory: str | pathlib.Path, model: Encoder, spec: EncoderSpec,
     overwrite: replace an existing directory's checkpoint instead of refusing.
   """
   directory = storage.path(directory)
-  if directory.exists() and any(directory.iterdir()) and not overwrite:
+  # The Orbax save is collective: every process of a multi-process run calls this, and all
+  # refuse together (one process raising alone would leave the others waiting in the save).
+  occupied = directory.exists() and any(directory.iterdir()) and not overwrite
+  if any(distributed.values_of_all_processes(occupied)):
     raise ModelDirectoryError(f"{directory} exists and is not empty; choose a new directory "
                               "or pass overwrite=True (--overwrite)")
   directory.mkdir(parents=True, exist_ok=True)
@@ -79,8 +83,12 @@ def save_model(directory: str | pathlib.Path, model: Encoder, spec: EncoderSpec,
     checkpointer.save(directory / STATE_DIR, _weights(model), force=overwrite)
   document = {"format": FORMAT, "format_version": FORMAT_VERSION, "encoder": spec.to_json(),
               "feature_width": int(model.feature_width), **description}
-  # The JSON is written last: a directory with model.json has a complete checkpoint.
-  (directory / MODEL_JSON).write_text(json.dumps(document, indent=2) + "\n")
+  # The JSON is written last (by process 0): a directory with model.json has a complete
+  # checkpoint; every process returns once it is there.
+  if jax.process_index() == 0:
+    (directory / MODEL_JSON).write_text(json.dumps(document, indent=2) + "\n")
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes("retro_jax_save_model_json")
   return directory
 
 
@@ -407,6 +415,7 @@ class TrainCheckpoints:
     aside once an older one is restored; if none can be read, nothing is moved and
     TrainCheckpointError says how to start the run again.
     """
+    self._check_processes_agree()
     unreadable: list[UnreadableCheckpointError] = []
     for step in sorted(self.all_steps(), reverse=True):
       try:
@@ -426,6 +435,28 @@ class TrainCheckpoints:
           f"To start this run again from step 0, move {self.directory} elsewhere and rerun the "
           "same command, or use a new --workdir")
     return None
+
+  def _check_processes_agree(self) -> None:
+    """Refuses a multi-process resume whose processes see different newest checkpoints.
+
+    Each host reading its own local disk would restore different states (or some none) and
+    then hang in the first collective; the workdir must be storage all processes share.
+    """
+    newest = self.latest_step()
+    steps = distributed.values_of_all_processes(-1 if newest is None else newest)
+    if len(set(steps)) == 1:
+      return
+    this = jax.process_index()
+    other = next(i for i, step in enumerate(steps) if step != steps[this])
+
+    def name(step: int) -> str:
+      return "none" if step < 0 else f"step {step}"
+
+    raise TrainCheckpointError(
+        f"the processes disagree on the latest checkpoint in {self.directory}: "
+        f"{name(steps[this])} on process {this}, {name(steps[other])} on process {other}; "
+        "every process must see the same workdir: put it on storage all hosts share (gs://... "
+        "or a shared filesystem), not on each host's local disk")
 
   def _set_aside(self, unreadable: list[UnreadableCheckpointError], *, resumed: int) -> None:
     """Moves unreadable checkpoints to WORKDIR/checkpoints_corrupt (process 0; all wait)."""

@@ -26,7 +26,6 @@ line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -55,8 +54,8 @@ def _flag_values(argv: list[str]) -> flags.FlagValues:
                        "WORKDIR/config_changes.jsonl); without it such a resume is refused",
                        flag_values=values)
   flags.DEFINE_alias("allow-config-change", "allow_config_change", flag_values=values)
-  # Several hosts: every process runs the same command with its own --process_id. Unset flags
-  # fall back to JAX's own detection (Cloud TPU, SLURM, Open MPI environments).
+  # Several hosts: every process runs the same command with its own --process_id. Without
+  # them JAX's own cluster detection decides (Cloud TPU, SLURM, Open MPI: distributed.py).
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host runs)",
                       flag_values=values)
   flags.DEFINE_integer("num_processes", None, "number of processes (multi-host runs)",
@@ -66,37 +65,17 @@ def _flag_values(argv: list[str]) -> flags.FlagValues:
   return values
 
 
-def _initialize_distributed(argv: list[str]) -> None:
-  """jax.distributed.initialize when several processes are asked for; a no-op otherwise.
-
-  It must run before anything touches a JAX backend, including loading the config file, so
-  it reads its three flags from argv itself (they are declared above for --help and
-  validation).
-  """
-  parser = argparse.ArgumentParser(add_help=False)
-  parser.add_argument("--coordinator_address")
-  parser.add_argument("--num_processes", type=int)
-  parser.add_argument("--process_id", type=int)
-  known, _ = parser.parse_known_args(argv)
-  if known.coordinator_address is None and known.num_processes is None and (
-      known.process_id is None):
-    return
-  import jax  # pylint: disable=g-import-not-at-top
-  # CPU processes exchange data through gloo; accelerators use their own collectives.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=known.coordinator_address,
-                             num_processes=known.num_processes, process_id=known.process_id)
-
-
 @user_errors.boundary
 def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.main") -> int:
   if not argv or argv[0] in ("-h", "--help"):
     print(USAGE.format(prog=prog) + "\n\n" + __doc__.split("\n\n", 1)[1],
           file=sys.stdout if argv else sys.stderr)
     return 0 if argv else 2
+  # Before anything touches a JAX backend, the config file's loading included.
+  from retro_jax import distributed  # pylint: disable=g-import-not-at-top
   try:
-    _initialize_distributed(argv)
-  except (ValueError, RuntimeError) as error:
+    distributed.initialize(argv)
+  except distributed.DistributedError as error:
     print(f"{prog}: error: could not join the multi-process run: {error}", file=sys.stderr)
     return 1
   usage = USAGE.format(prog=prog)

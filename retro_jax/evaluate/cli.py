@@ -24,6 +24,11 @@ evaluation; `retro_jax.evaluate.subsets`). Splits take TFDS slices ("train[:1000
 Prints a table (protocol, features, top-1, top-5) and writes OUT/results.json; features are
 cached in OUT/features (delete it, or pass --no-cache, to recompute).
 
+Several hosts: run the same command on every host with --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (or let JAX detect them on Cloud TPU / SLURM); each process
+extracts the features of its share of every split, every process gets all of them, and
+process 0 prints and writes the results.
+
 Exit status: 0 done, 1 bad input (message on stderr), 2 usage error.
 """
 
@@ -38,6 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from retro_jax import distributed
 from retro_jax import output_paths
 from retro_jax import storage
 from retro_jax import user_errors
@@ -248,8 +254,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.evaluat
   parser.add_argument("--out", type=storage.argument, default=None,
                       help="write results.json here (and cache features in OUT/features)")
   parser.add_argument("--no-cache", action="store_true", help="do not cache features")
+  distributed.add_flags(parser)
   user_errors.add_debug_flag(parser)
   args = parser.parse_args(argv)
+  try:  # Before anything touches a JAX backend.
+    distributed.initialize(sys.argv[1:] if argv is None else argv)
+  except distributed.DistributedError as error:
+    print(f"{prog}: error: could not join the multi-process run: {error}", file=sys.stderr)
+    return 1
   try:
     ks = tuple(int(k) for k in args.knn_k.split(","))
   except ValueError:
@@ -277,6 +289,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m retro_jax.evaluat
       batch_size=args.batch_size, label_fraction=args.label_fraction,
       split_file=args.split_file, seed=args.seed, cache_dir=cache_dir,
       log=lambda message: print(message, file=sys.stderr, flush=True))
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:  # every process has the results; process 0 reports them
+    return 0
   print(format_table(rows), flush=True)
   if args.out is not None:
     args.out.mkdir(parents=True, exist_ok=True)

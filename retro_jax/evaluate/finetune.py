@@ -53,6 +53,7 @@ from retro_jax.models.encoder import EncoderSpec
 from retro_jax.train import mesh as mesh_lib
 from retro_jax.train import optim
 from retro_jax.train import run_record
+from retro_jax.train.prefetch import DevicePrefetch
 from retro_jax.train.progress import Progress
 from retro_jax.user_errors import UserError
 
@@ -273,10 +274,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                     out_shardings=(replicated, None), donate_argnums=(0,))
   metrics: dict[str, Any] = {}
   if start_step < total_steps:
-    batches = pipeline_lib.make_pipeline(
+    # The next batch is read and placed while the current step runs (train/prefetch.py).
+    batches = DevicePrefetch(pipeline_lib.make_pipeline(
         source, augmentation.host_views, global_batch_size=global_batch, seed=seed,
         sharding=batch_sharding, start_step=start_step,
-        shuffle_buffer=config.data.get("shuffle_buffer", pipeline_lib.DEFAULT_SHUFFLE_BUFFER))
+        shuffle_buffer=config.data.get("shuffle_buffer", pipeline_lib.DEFAULT_SHUFFLE_BUFFER)),
+        count=max(0, total_steps - start_step))
     progress = Progress(workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                         global_batch=global_batch, every=config.log_every_steps,
                         schedules=schedules)
@@ -316,8 +319,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
   result.update(_accuracy(logits, labels, num_classes))
   print("test: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items() if k.startswith("test")),
         flush=True)
-  if jax.process_index() == 0:
-    _save(workdir, model, description, config, num_classes, int(state["step"]))
+  # The Orbax save is collective: every process writes the fine-tuned model.
+  _save(workdir, model, description, config, num_classes, int(state["step"]))
+  if jax.process_index() == 0:  # the run's other files: process 0
     (workdir / "results.json").write_text(json.dumps(
         {**result, "test_examples": int(len(labels)), "num_classes": num_classes,
          "train_examples": source.num_examples, **identity}, indent=2) + "\n")
@@ -340,8 +344,9 @@ def _save(workdir: pathlib.Path, model: Classifier, description: dict[str, Any],
                      "freeze_backbone": bool(config.freeze_backbone)},
           "classifier": {"file": CLASSIFIER_FILE, "features": config.features,
                          "num_classes": num_classes}}
-  checkpoint.save_model(out, model.encoder, spec, info, overwrite=True)
-  with (out / CLASSIFIER_FILE).open("wb") as file:
-    np.savez(file, kernel=np.asarray(model.fc.kernel.get_value()),
-             bias=np.asarray(model.fc.bias.get_value()))
-  print(f"fine-tuned model: {out} (+ {CLASSIFIER_FILE})", flush=True)
+  checkpoint.save_model(out, model.encoder, spec, info, overwrite=True)  # on every process
+  if jax.process_index() == 0:
+    with (out / CLASSIFIER_FILE).open("wb") as file:
+      np.savez(file, kernel=np.asarray(model.fc.kernel.get_value()),
+               bias=np.asarray(model.fc.bias.get_value()))
+    print(f"fine-tuned model: {out} (+ {CLASSIFIER_FILE})", flush=True)

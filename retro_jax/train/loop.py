@@ -52,6 +52,7 @@ from retro_jax.train.finite_guard import NonFiniteError
 from retro_jax.train.multicrop_methods import METHODS as MULTICROP_METHODS
 from retro_jax.train.multicrop_methods import MultiCropMethod
 from retro_jax.train.monitor import KnnMonitor
+from retro_jax.train.prefetch import DevicePrefetch
 from retro_jax.train.progress import Progress
 from retro_jax.train.save_timer import SaveTimer
 from retro_jax.train.stop_request import StopRequest
@@ -243,11 +244,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     start_step = int(record["step"])
     print(f"resuming from step {start_step} ({checkpoints.directory})", flush=True)
 
-  batches = pipeline_lib.make_pipeline(
+  # The next batch is read and placed while the current step runs (train/prefetch.py).
+  batches = DevicePrefetch(pipeline_lib.make_pipeline(
       source, augmentation.host_views, global_batch_size=global_batch, seed=config.seed,
       sharding=mesh_lib.batch_sharding(mesh), start_step=start_step,
       process_invariant=config.data.get("process_invariant", False),
-      shuffle_buffer=config.data.get("shuffle_buffer", pipeline_lib.DEFAULT_SHUFFLE_BUFFER))
+      shuffle_buffer=config.data.get("shuffle_buffer", pipeline_lib.DEFAULT_SHUFFLE_BUFFER)),
+      count=max(0, total_steps - start_step))
 
   step_fn = engine.step_fn
 
