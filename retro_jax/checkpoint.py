@@ -35,6 +35,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 import orbax.checkpoint as ocp
 
@@ -152,7 +154,10 @@ def load_model(directory: str | pathlib.Path) -> tuple[Encoder, dict[str, Any]]:
         f"could not restore the weights in {directory / STATE_DIR} (missing, truncated or "
         f"corrupted files?): {reason}. Convert or export the model again into a new "
         "directory.")
-  nnx.update(model, restored)
+  # Uncommitted, as a freshly built model's arrays: a multi-process run can then replicate
+  # them over every process's devices (from a committed single-device array, jax.device_put
+  # would need a cross-host transfer, which the CPU and GPU backends refuse).
+  nnx.update(model, jax.tree.map(lambda array: jnp.asarray(np.asarray(array)), restored))
   materialize_rng_state(model)
   model.eval()
   return model, document
