@@ -17,7 +17,9 @@ are then appended to WORKDIR/config_changes.jsonl with the step they take effect
 
 Several hosts: run the same command on every host with --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (or let JAX detect them on Cloud TPU / SLURM); each process
-reads its share of the data, and the batch is split over all devices of all processes.
+reads its share of the data, and the batch is split over all devices of all processes. The
+workdir must be storage all hosts share (gs://... or a shared filesystem): a run whose
+processes see different newest checkpoints refuses to start.
 
 Exit status: 0 done, 1 the run cannot start or failed on its input (message on stderr),
 2 usage error. --debug (or RETRO_JAX_DEBUG=1) shows the traceback of an error instead of one
