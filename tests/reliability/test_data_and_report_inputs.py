@@ -35,7 +35,7 @@ DATA_CASES = {
                                             r / "a_file" / "tfds", "--source-dir", s], 1,
                               ["cannot be created", "a_file is a file"]),
     "unknown_dataset": (lambda r, s: ["prepare", "fashion_mnst", "--data-dir", r / "tfds"], 2,
-                        ["no offline recipe for 'fashion_mnst'", "fashion_mnist"]),
+                        ["unknown TFDS dataset 'fashion_mnst'", "did you mean fashion_mnist?"]),
     "source_dir_without_the_files": (lambda r, s: ["prepare", "fashion_mnist", "--data-dir",
                                                    r / "tfds", "--source-dir", r], 1,
                                      ["Fashion-MNIST files not found in"]),
