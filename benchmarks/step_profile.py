@@ -181,13 +181,23 @@ def main(argv: list[str] | None = None) -> None:
   for (kind, way), seconds in sorted(by_category.items(), key=lambda item: -item[1]):
     if seconds / total >= 0.002:
       print(f"| {kind} | {way} | {seconds:.3f} | {100 * seconds / total:.1f} % |")
+  # XLA's fusion names say what was fused (e.g. multiply_add_fusion: the depthwise layers'
+  # shifted multiply-adds; ynn_fusion: convolutions and products handed to XNNPACK).
+  by_kind: dict[str, float] = collections.Counter()
+  for name, seconds in times.items():
+    by_kind[re.sub(r"\.\d+$", "", name)] += seconds / args.steps
+  print()
+  print("By instruction kind (s per step): " + ", ".join(
+      f"{kind} {seconds:.3f}" for kind, seconds in sorted(by_kind.items(),
+                                                          key=lambda item: -item[1])[:10]))
   print()
   print("Slowest instructions (s per step):")
   for name, seconds in sorted(times.items(), key=lambda item: -item[1])[:12]:
     line = instructions[name]
     shape = line.split("=", 1)[1].split()[0]
+    op_name = re.search(r'op_name="([^"]*)"', line)
     print(f"  {seconds / args.steps:.4f}  {name}  {category(line, computations)}, "
-          f"{direction(line)}, {shape}")
+          f"{direction(line)}, {shape}  [{op_name.group(1)[-90:] if op_name else ''}]")
 
 
 if __name__ == "__main__":
