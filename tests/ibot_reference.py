@@ -21,39 +21,9 @@ import pathlib
 import torch
 from torch import nn
 
-# iBOT's Mlp is DINO's (and timm's) line for line, as MSN's src/deit.py copied it too.
-from msn_reference import Mlp
-
-
-class Attention(nn.Module):
-  def __init__(self, dim, num_heads=8, qkv_bias=False):
-    super().__init__()
-    self.num_heads = num_heads
-    self.scale = (dim // num_heads) ** -0.5
-    self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-    self.proj = nn.Linear(dim, dim)
-
-  def forward(self, x):
-    B, N, C = x.shape  # pylint: disable=invalid-name
-    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-    x = (attn @ v).transpose(1, 2).reshape(B, N, C)
-    return self.proj(x), attn
-
-
-class Block(nn.Module):
-  def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, norm_layer):
-    super().__init__()
-    self.norm1 = norm_layer(dim)
-    self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
-    self.norm2 = norm_layer(dim)
-    self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-  def forward(self, x):
-    y, _ = self.attn(self.norm1(x))
-    x = x + y
-    return x + self.mlp(self.norm2(x))
+# iBOT's Mlp, Attention and Block are DINO's (and timm's) line for line, as MSN's src/deit.py
+# copied them too; iBOT's Attention also returns the attention map, which Block drops.
+from msn_reference import Block
 
 
 class PatchEmbed(nn.Module):
