@@ -75,6 +75,22 @@ def _trunc_normal(tensor, std=0.02):
   return nn.init.trunc_normal_(tensor, std=std, a=-2.0, b=2.0)
 
 
+def projection(in_dim, hidden_dim, output_dim, use_bn) -> nn.Sequential:
+  """msn_train.py init_model's `encoder.fc`, which VISSL's msn_head builds the same way:
+  Sequential(fc1, [bn1], gelu1, fc2, [bn2], gelu2, fc3)."""
+  fc = collections.OrderedDict()
+  fc["fc1"] = nn.Linear(in_dim, hidden_dim)
+  if use_bn:
+    fc["bn1"] = nn.BatchNorm1d(hidden_dim)
+  fc["gelu1"] = nn.GELU()
+  fc["fc2"] = nn.Linear(hidden_dim, hidden_dim)
+  if use_bn:
+    fc["bn2"] = nn.BatchNorm1d(hidden_dim)
+  fc["gelu2"] = nn.GELU()
+  fc["fc3"] = nn.Linear(hidden_dim, output_dim)
+  return nn.Sequential(fc)
+
+
 class VisionTransformer(nn.Module):
   """deit.py's VisionTransformer with the `fc` projection head `init_model` attaches."""
 
@@ -90,18 +106,7 @@ class VisionTransformer(nn.Module):
     self.norm = norm_layer(embed_dim)
     _trunc_normal(self.pos_embed)
     _trunc_normal(self.cls_token)
-    # msn_train.py init_model: encoder.fc = Sequential(fc1, [bn1], gelu1, fc2, [bn2], gelu2, fc3)
-    fc = collections.OrderedDict()
-    fc["fc1"] = nn.Linear(embed_dim, hidden_dim)
-    if use_bn:
-      fc["bn1"] = nn.BatchNorm1d(hidden_dim)
-    fc["gelu1"] = nn.GELU()
-    fc["fc2"] = nn.Linear(hidden_dim, hidden_dim)
-    if use_bn:
-      fc["bn2"] = nn.BatchNorm1d(hidden_dim)
-    fc["gelu2"] = nn.GELU()
-    fc["fc3"] = nn.Linear(hidden_dim, output_dim)
-    self.fc = nn.Sequential(fc)
+    self.fc = projection(embed_dim, hidden_dim, output_dim, use_bn)
     for m in self.modules():
       if isinstance(m, nn.Linear):
         _trunc_normal(m.weight)

@@ -8,8 +8,6 @@ the key layout matches the reference exactly. Widths are small; the structure is
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from retro_jax.convert.state_dict import load_state_dict
 from retro_jax.convert.state_dict import model_state_dict
 from retro_jax.models import heads
 
+import msn_reference
 from torch_reference import RTOL
 from torch_reference import randomise
 from torch_reference import relative_error
@@ -95,17 +94,7 @@ class TorchMSNHead(nn.Module):
                label_smoothing=0.0, temperature=0.1):
     super().__init__()
     self.temperature = temperature
-    fc = OrderedDict([])
-    fc["fc1"] = nn.Linear(in_dim, hidden_dim)
-    if use_bn:
-      fc["bn1"] = nn.BatchNorm1d(hidden_dim)
-    fc["gelu1"] = nn.GELU()
-    fc["fc2"] = nn.Linear(hidden_dim, hidden_dim)
-    if use_bn:
-      fc["bn2"] = nn.BatchNorm1d(hidden_dim)
-    fc["gelu2"] = nn.GELU()
-    fc["fc3"] = nn.Linear(hidden_dim, output_dim)
-    self.fc = nn.Sequential(fc)
+    self.fc = msn_reference.projection(in_dim, hidden_dim, output_dim, use_bn)
     bound = (1.0 / output_dim) ** 0.5
     self.prototypes = nn.Parameter(torch.empty(num_prototypes, output_dim).uniform_(-bound, bound))
     off_value = label_smoothing / num_prototypes
