@@ -58,6 +58,29 @@ class ModelDirectoryError(UserError, ValueError):
   """A model directory is missing, incomplete or not one of ours."""
 
 
+_whole_array_saves = False
+
+
+def _save_replicated_arrays_whole() -> None:
+  """On CPU, a replicated array is saved whole by its first replica (Orbax's replica-parallel
+  saving off; Orbax already turns it off when JAX_PLATFORMS names a GPU).
+
+  Replica-parallel saving splits each replicated array into one slice per replica. CPU devices
+  share the host's memory, so the split saves no transfer, and each slice is a compiled
+  program per array shape and device: 496 compiles and ~17 s at the first save of a narrow
+  MobileNetV3 run on 8 simulated CPU devices. What is written to disk is the same.
+  """
+  global _whole_array_saves
+  if _whole_array_saves or jax.default_backend() != "cpu":
+    return
+  default = ocp.type_handlers.get_type_handler(jax.Array)
+  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+      use_replica_parallel=False,
+      # The default handler's per-array metadata files, kept (None if Orbax renames it).
+      array_metadata_store=getattr(default, "_array_metadata_store", None)), override=True)
+  _whole_array_saves = True
+
+
 def _weights(model: nnx.Module) -> nnx.State:
   return nnx.state(model, (nnx.Param, nnx.BatchStat))  # One filter: their union.
 
@@ -81,6 +104,7 @@ def save_model(directory: str | pathlib.Path, model: Encoder, spec: EncoderSpec,
     raise ModelDirectoryError(f"{directory} exists and is not empty; choose a new directory "
                               "or pass overwrite=True (--overwrite)")
   directory.mkdir(parents=True, exist_ok=True)
+  _save_replicated_arrays_whole()
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory / STATE_DIR, _weights(model), force=overwrite)
   document = {"format": FORMAT, "format_version": FORMAT_VERSION, "encoder": spec.to_json(),
@@ -324,6 +348,7 @@ class TrainCheckpoints:
       print(f"checkpoints: removing the unfinished save{'s' if len(unfinished) > 1 else ''} "
             f"of an interrupted run in {self.directory} ({', '.join(unfinished)}); the "
             "complete checkpoints are kept", file=sys.stderr, flush=True)
+    _save_replicated_arrays_whole()
     # The step grid is decided here (Orbax would also save the first step of a run).
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=1, max_to_keep=keep, create=False, cleanup_tmp_directories=True,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +50,20 @@ def test_round_trip_keeps_values_and_shardings(mesh, workdir):
                                zip(jax.tree.leaves(restored), jax.tree.leaves(state))):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
     assert got.sharding.is_equivalent_to(want.sharding, got.ndim), name
+
+
+def test_saving_replicated_arrays_compiles_nothing(mesh, workdir, caplog):
+  # Orbax's replica-parallel save compiled a slice per array shape and device: ~17 s at the
+  # first save of a MobileNetV3 state on 8 CPU devices. On CPU, arrays are saved whole.
+  rng = np.random.default_rng(0)
+  replicated = NamedSharding(mesh, P())
+  state = {f"w{i}": jax.device_put(rng.standard_normal((8 * (i + 5), 24), np.float32), replicated)
+           for i in range(3)}  # shapes that no other test saves: nothing cached
+  with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+    with TrainCheckpoints(workdir, every_steps=1) as checkpoints:
+      assert checkpoints.save(1, state, {"step": 1})
+  compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
+  assert not compiled, compiled[:3]
 
 
 def test_interval_and_retention(mesh, workdir):
