@@ -68,7 +68,7 @@ def _save_replicated_arrays_whole() -> None:
   Replica-parallel saving splits each replicated array into one slice per replica. CPU devices
   share the host's memory, so the split saves no transfer, and each slice is a compiled
   program per array shape and device: 496 compiles and ~17 s at the first save of a narrow
-  MobileNetV3 run on 8 simulated CPU devices. What is written to disk is the same.
+  MobileNetV3 run on 8 simulated CPU devices. Checkpoints restore the same arrays either way.
   """
   global _whole_array_saves
   if _whole_array_saves or jax.default_backend() != "cpu":
