@@ -25,8 +25,9 @@ WORKDIR/checkpoints_corrupt/STEP with a message (`TrainCheckpoints.restore_newes
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import gc
+import hashlib
 import json
 import os
 import pathlib
@@ -58,9 +59,7 @@ class ModelDirectoryError(UserError, ValueError):
   """A model directory is missing, incomplete or not one of ours."""
 
 
-_whole_array_saves = False
-
-
+@functools.cache  # once per process: it replaces Orbax's registered jax.Array handler
 def _save_replicated_arrays_whole() -> None:
   """On CPU, a replicated array is saved whole by its first replica (Orbax's replica-parallel
   saving off; Orbax already turns it off when JAX_PLATFORMS names a GPU).
@@ -70,15 +69,13 @@ def _save_replicated_arrays_whole() -> None:
   program per array shape and device: 496 compiles and ~17 s at the first save of a narrow
   MobileNetV3 run on 8 simulated CPU devices. Checkpoints restore the same arrays either way.
   """
-  global _whole_array_saves
-  if _whole_array_saves or jax.default_backend() != "cpu":
+  if jax.default_backend() != "cpu":
     return
   default = ocp.type_handlers.get_type_handler(jax.Array)
   ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
       use_replica_parallel=False,
       # The default handler's per-array metadata files, kept (None if Orbax renames it).
       array_metadata_store=getattr(default, "_array_metadata_store", None)), override=True)
-  _whole_array_saves = True
 
 
 def _weights(model: nnx.Module) -> nnx.State:

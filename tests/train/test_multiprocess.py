@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
-
-import shutil
 
 import jax
 import numpy as np
